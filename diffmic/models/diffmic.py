@@ -1,0 +1,96 @@
+"""DiffMIC = DCG guidance + conditional denoiser + label diffusion; the pieces a training step and a prediction need."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffmic.diffusion import NoiseSchedule, antithetic_timesteps, sample
+from diffmic.losses import diffusion_loss
+from diffmic.models.dcg import DCG, DCGOutput
+from diffmic.models.denoiser import Denoiser
+
+
+@dataclass
+class Priors:
+    fused: torch.Tensor   # probabilities ŷ (softmax of the DCG logits)
+    global_: torch.Tensor
+    local: torch.Tensor
+    logits: DCGOutput
+
+
+@dataclass
+class Prediction:
+    probs: torch.Tensor        # N×C, mean over samples of softmax(y0)
+    dcg_probs: torch.Tensor    # N×C, the DCG's fused prior alone
+    entropy: torch.Tensor      # N, predictive entropy of `probs` (nats)
+    sample_std: torch.Tensor   # N, std over samples of the predicted class's probability (0 for one sample)
+
+
+class DiffMIC(nn.Module):
+    def __init__(self, dcg: DCG, denoiser: Denoiser, schedule: NoiseSchedule, num_classes: int):
+        super().__init__()
+        self.dcg, self.denoiser, self.schedule, self.num_classes = dcg, denoiser, schedule, num_classes
+
+    def _apply(self, fn, recurse=True):  # keep the (non-module) schedule on the module's device
+        super()._apply(fn, recurse)
+        probe = next(self.parameters())
+        self.schedule = self.schedule.to(device=probe.device)
+        return self
+
+    def priors(self, x: torch.Tensor) -> Priors:
+        out = self.dcg(x)
+        soft = lambda z: torch.softmax(z.float(), dim=1)  # noqa: E731 — priors live in probability space
+        return Priors(soft(out.fused), soft(out.global_), soft(out.local), out)
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor, priors: Priors, mmd_weight: float,
+             mmd_bandwidths=(1.0,), generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Noise MSE on the fused branch + MMD on the global/local branches, one encoder pass for all three."""
+        y0 = nn.functional.one_hot(labels, self.num_classes).float()
+        t = antithetic_timesteps(len(labels), self.schedule.timesteps, generator, device=x.device)
+        noise = torch.randn(y0.shape, generator=generator, device="cpu" if generator is not None else x.device)
+        noise = noise.to(x.device)
+        embedding = self.denoiser.encode(x)
+        q = self.schedule.q_sample
+
+        def eps(prior: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(embedding, q(y0, prior, t, noise), prior, t).float()
+
+        branches = (eps(priors.global_), eps(priors.local)) if mmd_weight else (None, None)
+        return diffusion_loss(noise, eps(priors.fused), *branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, sampler: str = "official", steps: int | None = None, eta: float = 0.0,
+                num_samples: int = 1, generator: torch.Generator | None = None) -> Prediction:
+        """Reverse chain from the fused prior; the image embedding is computed once and reused at every step."""
+        priors = self.priors(x)
+        embedding = self.denoiser.encode(x).repeat(num_samples, 1)
+        prior = priors.fused.repeat(num_samples, 1)
+
+        def eps_fn(y_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(embedding, y_t.to(embedding.dtype), p.to(embedding.dtype), t).float()
+
+        y0 = sample(self.schedule, eps_fn, prior, sampler, steps, eta, generator)
+        probs = torch.softmax(y0, dim=1).view(num_samples, len(x), -1)
+        mean = probs.mean(0)
+        entropy = -(mean * mean.clamp_min(1e-12).log()).sum(1)
+        picked = probs.gather(2, mean.argmax(1).view(1, -1, 1).expand(num_samples, -1, 1)).squeeze(2)
+        std = picked.std(0) if num_samples > 1 else torch.zeros_like(entropy)
+        return Prediction(mean, priors.fused, entropy, std)
+
+
+def build_model(cfg: dict, num_classes: int, image_size: int) -> DiffMIC:
+    """The model described by the `model` and `diffusion` config sections (plain dicts)."""
+    m, d = cfg["model"], cfg["diffusion"]
+    dcg_cfg, den_cfg = m["dcg"], m["denoiser"]
+    dcg = DCG(num_classes, image_size, backbone=dcg_cfg["backbone"], local_backbone=dcg_cfg.get("local_backbone"),
+              pretrained=dcg_cfg.get("pretrained", False), weights=dcg_cfg.get("weights"),
+              output_stride=dcg_cfg.get("output_stride", 32), roi_count=dcg_cfg["roi_count"],
+              crop_size=dcg_cfg["crop_size"], top_t=dcg_cfg.get("top_t", 1.0),
+              roi_mode=dcg_cfg.get("roi_mode", "distinct"), crop_channels=dcg_cfg.get("crop_channels", "rgb"),
+              fusion_weight=dcg_cfg.get("fusion_weight", 0.5))
+    denoiser = Denoiser(num_classes, d["timesteps"], encoder=den_cfg["encoder"], feature_dim=den_cfg["feature_dim"],
+                        pretrained=den_cfg.get("pretrained", False), weights=den_cfg.get("weights"))
+    schedule = NoiseSchedule(d["schedule"], d["timesteps"], d.get("beta_start", 1e-4), d.get("beta_end", 0.02))
+    return DiffMIC(dcg, denoiser, schedule, num_classes)

@@ -1,0 +1,134 @@
+"""diffmic.models: ROI selection parity, vectorised crops, DCG and denoiser behaviour."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffmic.models import DCG, Denoiser, build_model, crop_rois, select_rois
+from diffmic.models.dcg import cells_to_pixels, top_t_aggregate
+
+ROI = json.loads((Path(__file__).parent / "data" / "roi.json").read_text())
+
+
+@pytest.mark.parametrize("case", ROI["cases"], ids=[c["name"] for c in ROI["cases"]])
+def test_official_roi_mode_reproduces_official_selection(case):
+    cam = torch.tensor(case["saliency_map"], dtype=torch.float64)
+    ref = case["float64"]
+    cells = select_rois(cam, ROI["K"], window=1, mode="official")
+    assert cells.tolist() == ref["selected_cells_row_col"]
+    assert (cells[..., 0] * 7 + cells[..., 1]).tolist() == ref["selected_linear_index"]
+    pixels = cells_to_pixels(cells, 7, ROI["image_size"][0], ROI["crop_shape"][0])
+    assert pixels.tolist() == [[[int(v) for v in rc] for rc in img] for img in ref["pixel_upper_left_row_col"]]
+    torch.testing.assert_close(top_t_aggregate(cam, 1.0), torch.tensor(ref["y_global_logits_mean_over_cells"],
+                                                                       dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
+def test_distinct_mode_fixes_official_flaws():
+    """Official picks repeat (ties / few positive cells) and go NaN on constant maps; the default mode does not."""
+    by_name = {c["name"]: c for c in ROI["cases"]}
+    for name in ("ties_and_few_nonzero", "constant"):
+        official = by_name[name]["float64"]["selected_linear_index"]
+        assert any(len(set(img)) < ROI["K"] for img in official)  # the flaw is real in the reference
+        cam = torch.tensor(by_name[name]["saliency_map"], dtype=torch.float64)
+        cells = select_rois(cam, ROI["K"], mode="distinct")
+        for img in cells:
+            assert len({tuple(rc) for rc in img.tolist()}) == ROI["K"]
+    constant = torch.ones(2, 3, 7, 7)
+    assert select_rois(constant, 6).tolist()[0] == [[0, c] for c in range(6)]  # ties → row-major order
+    # on ordinary maps both modes agree
+    cam = torch.tensor(by_name["random_normal"]["saliency_map"], dtype=torch.float64)
+    assert torch.equal(select_rois(cam, 6, mode="distinct"), select_rois(cam, 6, mode="official"))
+
+
+def test_roi_count_bound_is_a_config_error():
+    with pytest.raises(ValueError, match="roi_count=50: expected at most 49"):
+        select_rois(torch.randn(1, 2, 7, 7), 50)
+    with pytest.raises(ValueError, match="roi_count=17: expected at most 16"):
+        DCG(3, 64, backbone="resnet18", output_stride=16, roi_count=17, crop_size=16)
+
+
+def test_windowed_selection_picks_the_hot_region():
+    cam = torch.zeros(1, 1, 8, 8)
+    cam[0, 0, 5:7, 2:4] = 1.0
+    assert select_rois(cam, 1, window=2).tolist() == [[[5, 2]]]
+
+
+def test_vectorised_crops_equal_a_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 40, 40, generator=g)
+    upper_left = torch.randint(0, 40 - 12 + 1, (3, 5, 2), generator=g)
+    crops = crop_rois(images, upper_left, 12)
+    assert crops.shape == (3, 5, 3, 12, 12)
+    for n in range(3):
+        for k in range(5):
+            r, c = upper_left[n, k].tolist()
+            assert torch.equal(crops[n, k], images[n, :, r:r + 12, c:c + 12])
+
+
+def test_pixels_stay_inside_the_image():
+    cells = torch.tensor([[[6, 6], [0, 3]]])
+    assert cells_to_pixels(cells, 7, 224, 64).tolist() == [[[160, 160], [0, 96]]]
+
+
+def test_dcg_forward_shapes_and_fusion():
+    torch.manual_seed(0)
+    dcg = DCG(4, 64, backbone="resnet18", output_stride=16, roi_count=3, crop_size=16).eval()
+    assert dcg.grid == 4 and dcg.window == 1
+    out = dcg(torch.randn(2, 3, 64, 64))
+    assert out.fused.shape == out.global_.shape == out.local.shape == (2, 4)
+    assert out.cam.shape == (2, 4, 4, 4) and out.rois.shape == (2, 3, 2)
+    torch.testing.assert_close(out.fused, 0.5 * (out.global_ + out.local))
+    assert torch.isfinite(out.fused).all()
+
+
+def test_red_crops_repeat_channel_zero():
+    torch.manual_seed(0)
+    dcg = DCG(2, 64, backbone="resnet18", output_stride=16, roi_count=2, crop_size=16, crop_channels="red").eval()
+    seen = []
+    dcg.local_net.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    dcg(torch.randn(1, 3, 64, 64))
+    crops = seen[0]
+    assert torch.equal(crops[:, 0], crops[:, 1]) and torch.equal(crops[:, 0], crops[:, 2])
+
+
+CFG = {
+    "model": {"dcg": {"backbone": "resnet18", "output_stride": 16, "roi_count": 4, "crop_size": 16},
+              "denoiser": {"encoder": "resnet18", "feature_dim": 64}},
+    "diffusion": {"timesteps": 50, "schedule": "linear"},
+}
+
+
+def test_denoiser_embedding_is_computed_once_per_batch():
+    torch.manual_seed(0)
+    model = build_model(CFG, num_classes=3, image_size=64)
+    calls = []
+    model.denoiser.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model.train()
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        priors = model.priors(x)
+    loss = model.loss(x, y, priors, mmd_weight=0.5)
+    assert len(calls) == 1 and loss["loss"].ndim == 0 and loss["mmd"] > 0
+    model.eval()
+    calls.clear()
+    pred = model.predict(x, sampler="official", steps=50, num_samples=3)
+    assert len(calls) == 1  # 50 steps × 3 samples, one encoder pass
+    assert pred.probs.shape == (4, 3) and torch.allclose(pred.probs.sum(1), torch.ones(4))
+    assert pred.entropy.shape == (4,) and (pred.sample_std >= 0).all()
+
+
+def test_denoiser_output_shape_and_time_conditioning():
+    torch.manual_seed(0)
+    den = Denoiser(5, timesteps=10, encoder="resnet18", feature_dim=32).eval()
+    emb = den.encode(torch.randn(2, 3, 32, 32))
+    assert emb.shape == (2, 32)
+    y, p = torch.randn(2, 5), torch.softmax(torch.randn(2, 5), 1)
+    e0 = den(emb, y, p, torch.tensor([0, 0]))
+    e9 = den(emb, y, p, torch.tensor([9, 9]))
+    assert e0.shape == (2, 5) and not torch.allclose(e0, e9)
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="backbone 'resnet_nope'"):
+        Denoiser(3, 10, encoder="resnet_nope")
