@@ -60,6 +60,31 @@ class DiffMIC(nn.Module):
         branches = (eps(priors.global_), eps(priors.local)) if mmd_weight else (None, None)
         return diffusion_loss(noise, eps(priors.fused), *branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths)
 
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, phase: str = "diffusion", joint_dcg: bool = True,
+                mmd_weight: float = 0.5, mmd_bandwidths=(1.0,)) -> dict[str, torch.Tensor]:
+        """One training step's losses, as a single forward so that DDP sees every parameter it syncs.
+
+        phase "dcg": DCG pre-training, cross-entropy on the fused logits only.
+        phase "diffusion": the diffusion loss with priors detached from it (the official code back-propagates it
+        through the DCG only to zero those gradients afterwards); with `joint_dcg` the same DCG forward also gives
+        the CE loss of the joint DCG step, so one DCG pass serves both.
+        """
+        if phase == "dcg" or joint_dcg:
+            out = self.priors(x)
+            ce = nn.functional.cross_entropy(out.logits.fused.float(), labels)
+            if phase == "dcg":
+                return {"loss": ce, "dcg_ce": ce.detach()}
+            priors = Priors(out.fused.detach(), out.global_.detach(), out.local.detach(), out.logits)
+        else:
+            with torch.no_grad():
+                priors = self.priors(x)
+            ce = None
+        losses = self.loss(x, labels, priors, mmd_weight, mmd_bandwidths)
+        if ce is not None:
+            losses["dcg_ce"] = ce.detach()
+            losses["loss"] = losses["loss"] + ce
+        return losses
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, sampler: str = "official", steps: int | None = None, eta: float = 0.0,
                 num_samples: int = 1, generator: torch.Generator | None = None) -> Prediction:

@@ -1,0 +1,120 @@
+"""A self-contained model bundle: what a user needs to load a trained DiffMIC anywhere.
+
+    model.safetensors   weights (EMA / best-validation weights, whichever the run evaluated with)
+    config.json         the fully resolved training config (rebuilds the architecture)
+    bundle.json         class names, preprocessing, sampler defaults, metrics, provenance, library versions
+    manifest.json       {"format": N, "files": {name: sha256}} — verified before anything is loaded
+
+Nothing in a bundle is unpickled: weights are safetensors, the rest is JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffmic.checkpoint import to_jsonable
+from diffmic.models import DiffMIC, build_model
+
+BUNDLE_FORMAT = 1
+WEIGHTS, CONFIG, META, MANIFEST = "model.safetensors", "config.json", "bundle.json", "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted or used; one line naming the file and the problem."""
+
+
+@dataclass
+class Bundle:
+    model: DiffMIC
+    config: dict
+    meta: dict
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta["class_names"]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import timm
+
+    import diffmic
+    return {"diffmic": diffmic.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def write_bundle(directory: str | Path, model: DiffMIC, cfg: dict, class_names: list[str], metrics: dict,
+                 provenance: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    dataset = cfg["dataset"]
+    meta = {
+        "class_names": list(class_names),
+        "preprocessing": {"image_size": dataset["image_size"], "mean": list(dataset.get("mean", (0.485, 0.456, 0.406))),
+                          "std": list(dataset.get("std", (0.229, 0.224, 0.225))), "resize": "center-square-crop, bilinear"},
+        "sampler": {k: cfg["diffusion"].get(k) for k in ("sampler", "sample_steps", "eta", "num_samples")},
+        "metrics": metrics,
+        "provenance": provenance or {},
+        "versions": library_versions(),
+    }
+    (directory / CONFIG).write_text(json.dumps(to_jsonable(cfg), indent=1))
+    (directory / META).write_text(json.dumps(to_jsonable(meta), indent=1))
+    files = {name: sha256(directory / name) for name in (WEIGHTS, CONFIG, META)}
+    (directory / MANIFEST).write_text(json.dumps({"format": BUNDLE_FORMAT, "files": files}, indent=1))
+    return directory
+
+
+def verify_bundle(directory: str | Path) -> dict:
+    """Check the manifest against every file; returns the manifest."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"bundle {str(directory)!r}: no {MANIFEST} (expected a directory written by diffmic.export)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise BundleError(f"bundle {str(directory)!r}: {MANIFEST} is not a valid manifest") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"bundle {str(directory)!r}: format {manifest.get('format')!r} is not supported by this "
+                          f"diffmic (expected {BUNDLE_FORMAT}); re-export it with a matching version")
+    for name in (WEIGHTS, CONFIG, META):
+        if name not in files:
+            raise BundleError(f"bundle {str(directory)!r}: {MANIFEST} does not list {name}")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"bundle {str(directory)!r}: file {name} is missing")
+        if sha256(path) != expected:
+            raise BundleError(f"bundle {str(directory)!r}: file {name} does not match its SHA-256 in {MANIFEST} "
+                              f"(changed or truncated)")
+    return manifest
+
+
+def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    directory = Path(directory)
+    verify_bundle(directory)
+    config = json.loads((directory / CONFIG).read_text())
+    meta = json.loads((directory / META).read_text())
+    model = build_model(config, len(meta["class_names"]), meta["preprocessing"]["image_size"])
+    missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
+    if missing or unexpected:
+        raise BundleError(f"bundle {str(directory)!r}: weights do not fit the architecture in {CONFIG} "
+                          f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    return Bundle(model.to(device).eval(), config, meta)

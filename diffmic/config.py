@@ -1,0 +1,68 @@
+"""Checks on a resolved config (a plain dict) that catch impossible values before any data is read or any
+cluster work starts. Each problem is one line naming the key, the value and what is expected."""
+from __future__ import annotations
+
+from diffmic.diffusion import SAMPLERS, SCHEDULES
+from diffmic.metrics import SCALAR_METRICS
+from diffmic.models.dcg import ROI_MODES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{dotted}: missing from the config")
+        node = node[part]
+    return node
+
+
+def _check(cfg: dict, key: str, ok, expected: str) -> None:
+    value = _get(cfg, key)
+    try:
+        good = ok(value)
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_config(cfg: dict) -> None:
+    c = lambda key, ok, expected: _check(cfg, key, ok, expected)  # noqa: E731
+    c("train.epochs", lambda v: _int(v) and v >= 1, "an integer >= 1")
+    c("train.dcg_pretrain_epochs", lambda v: _int(v) and v >= 0, "an integer >= 0")
+    c("train.batch_size", lambda v: _int(v) and v >= 2, "an integer >= 2 (BatchNorm needs two samples)")
+    c("train.eval_batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1")
+    c("train.lr", lambda v: v > 0, "a positive learning rate")
+    c("train.dcg_lr", lambda v: v > 0, "a positive learning rate")
+    c("train.warmup_epochs", lambda v: v >= 0, "a number >= 0")
+    c("train.mmd_weight", lambda v: v >= 0, "a weight >= 0 (0 turns the MMD terms off)")
+    c("train.mmd_bandwidths", lambda v: len(v) > 0 and all(b > 0 for b in v), "a non-empty list of positive numbers")
+    c("train.ema_decay", lambda v: 0 <= v < 1, "a value in [0, 1)")
+    c("train.val_every", lambda v: _int(v) and v >= 1, "an integer >= 1")
+    c("train.select_metric", lambda v: v in SCALAR_METRICS, f"one of {', '.join(SCALAR_METRICS)}")
+    c("diffusion.timesteps", lambda v: _int(v) and v >= 2, "an integer >= 2")
+    c("diffusion.schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
+    c("diffusion.beta_start", lambda v: 0 < v < 1, "a value in (0, 1)")
+    c("diffusion.beta_end", lambda v: cfg["diffusion"]["beta_start"] < v < 1, "a value in (beta_start, 1)")
+    c("diffusion.sampler", lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}")
+    T = cfg["diffusion"]["timesteps"]
+    c("diffusion.sample_steps", lambda v: v is None or (_int(v) and 1 <= v <= T),
+      f"null (all {T} steps) or an integer in 1..{T} (diffusion.timesteps)")
+    c("diffusion.eta", lambda v: 0 <= v <= 1, "a value in [0, 1]")
+    c("diffusion.num_samples", lambda v: _int(v) and v >= 1, "an integer >= 1")
+    c("model.dcg.roi_count", lambda v: _int(v) and v >= 1, "an integer >= 1")
+    c("model.dcg.crop_size", lambda v: _int(v) and 1 <= v <= cfg["dataset"]["image_size"],
+      f"an integer in 1..{cfg['dataset']['image_size']} (dataset.image_size)")
+    c("model.dcg.roi_mode", lambda v: v in ROI_MODES, f"one of {', '.join(ROI_MODES)}")
+    c("model.dcg.crop_channels", lambda v: v in ("rgb", "red"), "'rgb' or 'red'")
+    c("model.dcg.fusion_weight", lambda v: 0 <= v <= 1, "a value in [0, 1]")
+    c("model.dcg.top_t", lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+    c("model.denoiser.feature_dim", lambda v: _int(v) and v >= 1, "an integer >= 1")

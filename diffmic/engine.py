@@ -1,0 +1,249 @@
+"""The one training loop: `train(cfg, session)`, used alike by `python -m diffmic.train`, Ray Train workers and
+Tune trials. `cfg` is a plain dict (the resolved Hydra config); `session` says where the run lives: rank, device,
+how to wrap model and loader for data parallelism, where reports and checkpoints go.
+
+Phases: DCG pre-training (cross-entropy), then diffusion training with optional joint DCG steps. Every
+`train.val_every` epochs the run is evaluated on the validation split (the only split used for model selection)
+and reported with a checkpoint; the test split is evaluated once, at the end, with the best validation weights.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from diffmic.checkpoint import load_state, save_checkpoint
+from diffmic.config import validate_config
+from diffmic.data import DataSplits, build_splits
+from diffmic.ema import EMA
+from diffmic.metrics import classification_metrics
+from diffmic.models import DiffMIC, build_model
+from diffmic.session import LocalSession, Session
+
+
+@dataclass
+class RunResult:
+    val: dict[str, Any]
+    test: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def learning_rate(train_cfg: dict, epoch: float) -> float:
+    """Linear warm-up to `lr`, then a half-cycle cosine to `min_lr` at the last epoch (fractional epochs)."""
+    lr, min_lr = train_cfg["lr"], train_cfg.get("min_lr", 0.0)
+    warmup, total = train_cfg.get("warmup_epochs", 0), train_cfg["epochs"]
+    if epoch < warmup:
+        return lr * epoch / warmup
+    span = max(total - warmup, 1e-8)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - warmup) / span)))
+
+
+def _shard(dataset: Dataset, session: Session) -> Subset:
+    """Every rank evaluates indices rank, rank+W, …: the union is the whole split, each example exactly once."""
+    return Subset(dataset, list(range(session.rank, len(dataset), session.world_size)))
+
+
+@torch.no_grad()
+def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, generator_seed: int = 0) -> dict:
+    """Whole-split metrics of the diffusion prediction and of the DCG alone, gathered across workers."""
+    d, t = cfg["diffusion"], cfg["train"]
+    shard = _shard(dataset, session)
+    loader = DataLoader(shard, batch_size=t["eval_batch_size"], shuffle=False, num_workers=t.get("num_workers", 0))
+    model.eval()
+    generator = torch.Generator(device=session.device).manual_seed(generator_seed + session.rank)
+    probs, dcg_probs, labels, entropy = [], [], [], []
+    with session.autocast():
+        for x, y in loader:
+            x = session.to_device(x)
+            pred = model.predict(x, d["sampler"], d.get("sample_steps"), d.get("eta", 0.0),
+                                 d.get("num_samples", 1), generator)
+            probs.append(pred.probs.float().cpu())
+            dcg_probs.append(pred.dcg_probs.float().cpu())
+            entropy.append(pred.entropy.float().cpu())
+            labels.append(y)
+    local = {"index": np.asarray(shard.indices, dtype=np.int64),
+             "probs": torch.cat(probs).numpy() if probs else np.zeros((0, model.num_classes)),
+             "dcg": torch.cat(dcg_probs).numpy() if dcg_probs else np.zeros((0, model.num_classes)),
+             "entropy": torch.cat(entropy).numpy() if entropy else np.zeros(0),
+             "labels": torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)}
+    parts = session.all_gather(local)
+    order = np.argsort(np.concatenate([p["index"] for p in parts]))
+    merged = {k: np.concatenate([p[k] for p in parts])[order] for k in ("probs", "dcg", "entropy", "labels")}
+    metrics = classification_metrics(merged["labels"], merged["probs"], merged["dcg"])
+    metrics["mean_entropy"] = float(merged["entropy"].mean())
+    return metrics
+
+
+def _loader(dataset: Dataset, cfg: dict, session: Session, seed: int) -> DataLoader:
+    t = cfg["train"]
+    batch = min(t["batch_size"], len(dataset))
+    workers = t.get("num_workers", 0)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(dataset) > batch,
+                        num_workers=workers, persistent_workers=workers > 0, pin_memory=session.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))
+    return session.prepare_loader(loader)
+
+
+def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session, epoch: int, phase: str,
+           ema: EMA | None) -> dict[str, float]:
+    t = cfg["train"]
+    joint = t.get("joint_dcg", True)
+    model.train()
+    if phase == "diffusion" and not joint:
+        core.dcg.eval()  # frozen guidance: BN running statistics stay as pre-training left them
+    sums: dict[str, float] = {}
+    seen, start = 0, time.perf_counter()
+    steps = len(loader)
+    for i, (x, y) in enumerate(loader):
+        if phase == "diffusion":
+            for group in optimizers["denoiser"].param_groups:
+                group["lr"] = learning_rate(t, epoch + i / steps)
+        x, y = session.to_device(x), session.to_device(y)
+        with session.autocast():
+            losses = model(x, y, phase=phase, joint_dcg=joint, mmd_weight=t["mmd_weight"],
+                           mmd_bandwidths=tuple(t.get("mmd_bandwidths", (1.0,))))
+        active = [optimizers["dcg"]] if phase == "dcg" else [optimizers["denoiser"]] + ([optimizers["dcg"]] if joint else [])
+        for opt in active:
+            opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if phase == "diffusion" and t.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_(core.denoiser.parameters(), t["grad_clip"])
+        for opt in active:
+            opt.step()
+        if ema is not None and phase == "diffusion":
+            ema.update(core)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
+        seen += len(y)
+    elapsed = time.perf_counter() - start
+    prefix = "dcg_" if phase == "dcg" else "train_"
+    out = {prefix + k.removeprefix("dcg_" if phase == "dcg" else ""): v / max(seen, 1) for k, v in sums.items()}
+    out[prefix + "samples_per_s"] = seen * session.world_size / max(elapsed, 1e-9)
+    out[prefix + "epoch_time_s"] = elapsed
+    return out
+
+
+def train(cfg: dict, session: Session | None = None) -> RunResult:
+    """Train and evaluate one configuration; returns the best-validation metrics and the test metrics."""
+    validate_config(cfg)
+    session = session or LocalSession(cfg.get("output_dir") or "runs/default")
+    t = cfg["train"]
+    seed = int(cfg.get("seed", 0))
+    seed_everything(seed + session.rank, cfg.get("deterministic", False))
+    data: DataSplits = build_splits(cfg["dataset"], seed=cfg["dataset"].get("split_seed", seed))
+    session.log(f"data: {cfg['dataset']['name']} train {len(data.train)} / val {len(data.val)} / test "
+                f"{len(data.test)}, {data.num_classes} classes")
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    core = build_model(cfg, data.num_classes, cfg["dataset"]["image_size"]).to(session.device)
+    if session.device.type == "cuda" and t.get("channels_last", True):
+        core = core.to(memory_format=torch.channels_last)
+    optimizers = {
+        "denoiser": torch.optim.Adam(core.denoiser.parameters(), lr=t["lr"], betas=(0.9, 0.999), eps=1e-8),
+        "dcg": torch.optim.Adam(core.dcg.parameters(), lr=t["dcg_lr"], betas=(0.9, 0.999), eps=1e-8,
+                                amsgrad=t.get("dcg_amsgrad", True)),
+    }
+    ema = EMA(core, t["ema_decay"]) if t.get("ema", True) else None
+    history: list[dict] = []
+    best = {"epoch": 0, "value": -math.inf, "metrics": {}}
+    best_weights: dict[str, torch.Tensor] | None = None
+    start_epoch, pretrained = 0, False
+
+    resumed = session.latest_checkpoint()
+    if resumed is not None:
+        state = load_state(resumed)
+        core.load_state_dict(state["model"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, pretrained, history, best = state["epoch"], state["dcg_pretrained"], state["history"], state["best"]
+        best_weights = state.get("best_weights")
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        session.log(f"resumed from {resumed} at epoch {start_epoch}")
+
+    model = session.prepare_model(core)
+    select = t.get("select_metric", "macro_f1")
+
+    def checkpoint_state(epoch: int) -> dict:
+        return {"format": 1, "epoch": epoch, "dcg_pretrained": True, "config": cfg, "history": history, "best": best,
+                "model": core.state_dict(), "ema": ema.state_dict() if ema else None,
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "best_weights": None if best["epoch"] == epoch else best_weights,
+                "class_names": data.class_names,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+    if not pretrained and t["dcg_pretrain_epochs"] > 0:
+        loader = _loader(data.train, cfg, session, seed)
+        for e in range(t["dcg_pretrain_epochs"]):
+            session.set_epoch(loader, e)
+            stats = _epoch(model, core, loader, optimizers, cfg, session, e, "dcg", None)
+            session.log(f"dcg pre-train {e + 1}/{t['dcg_pretrain_epochs']}: ce {stats['dcg_ce']:.4f}, "
+                        f"{stats['dcg_samples_per_s']:.0f} img/s")
+    if ema is not None and not pretrained:
+        ema.reset(core)  # pre-training moved the DCG: start averaging from the weights diffusion starts from
+    if not t.get("joint_dcg", True):
+        core.dcg.requires_grad_(False)
+
+    loader = _loader(data.train, cfg, session, seed + 1)
+    for epoch in range(start_epoch, t["epochs"]):
+        session.set_epoch(loader, epoch)
+        stats = _epoch(model, core, loader, optimizers, cfg, session, epoch, "diffusion", ema)
+        if (epoch + 1) % t.get("val_every", 1) and epoch + 1 < t["epochs"]:
+            continue
+        with (ema.applied(core) if ema else _null()):
+            val = evaluate(core, data.val, cfg, session, generator_seed=seed)
+            if val[select] > best["value"]:
+                best = {"epoch": epoch + 1, "value": val[select], "metrics": val}
+                best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+        row = {"epoch": epoch + 1, "lr": optimizers["denoiser"].param_groups[0]["lr"], **stats,
+               **{f"val_{k}": v for k, v in val.items() if not isinstance(v, list)}}
+        history.append(row)
+        session.log(f"epoch {epoch + 1}/{t['epochs']}: loss {stats['train_loss']:.4f}, val acc "
+                    f"{val['accuracy']:.3f} f1 {val['macro_f1']:.3f} (DCG {val['dcg_accuracy']:.3f}), "
+                    f"{stats['train_samples_per_s']:.0f} img/s")
+        due = (epoch + 1) % t.get("checkpoint_every", 1) == 0 or epoch + 1 == t["epochs"]
+        session.report(row, checkpoint_state(epoch + 1) if due else None)
+
+    if resumed is not None and start_epoch >= t["epochs"] and history:
+        # A resumed run with nothing left to train must still report its result, or a restored Tune trial
+        # finishes without metrics (seen with Ray Train V2).
+        session.report(history[-1], None)
+
+    if best_weights is not None:
+        core.load_state_dict(best_weights)
+    elif ema is not None:
+        ema.copy_to(core)
+    test = evaluate(core, data.test, cfg, session, generator_seed=seed)
+    result = RunResult(val=best["metrics"], test=test, history=history, best_epoch=best["epoch"])
+    session.finish(result, core, cfg, data.class_names)
+    session.log(f"best val {select} {best['value']:.3f} at epoch {best['epoch']}; test acc {test['accuracy']:.3f} "
+                f"f1 {test['macro_f1']:.3f} (DCG {test['dcg_accuracy']:.3f})")
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,79 @@
+"""`python -m diffmic.evaluate checkpoint=PATH [split=test] [diffusion.sampler=ddim diffusion.sample_steps=10 …]`
+
+Evaluates a trained model on a split of its dataset. PATH is a run directory, its `checkpoint/` or `model/`, or an
+exported bundle. Any `key=value` overrides the stored config (sampler settings, `dataset.root` when the data moved).
+Prints the metrics as JSON; `output=FILE` also writes them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from diffmic.cli import one_line_errors
+
+
+def load_for_evaluation(path: str | Path, overrides: list[str]):
+    """(model, config) from a bundle or a training checkpoint, with dotted overrides applied to the config."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from diffmic.bundle import MANIFEST, load_bundle
+    from diffmic.checkpoint import STATE_FILE, load_state
+    from diffmic.models import build_model
+
+    path = Path(path)
+    if (path / "model" / MANIFEST).is_file():
+        path = path / "model"
+    if (path / MANIFEST).is_file():
+        bundle = load_bundle(path)
+        model, cfg = bundle.model, bundle.config
+    elif (path / STATE_FILE).is_file() or (path / "checkpoint" / STATE_FILE).is_file():
+        state = load_state(path if (path / STATE_FILE).is_file() else path / "checkpoint")
+        cfg = state["config"]
+        model = build_model(cfg, len(state["class_names"]), cfg["dataset"]["image_size"])
+        model.load_state_dict(state["model"])
+        weights = state.get("best_weights") or (state["ema"]["shadow"] if state.get("ema") else None)
+        if weights:
+            model.load_state_dict(weights, strict=False)
+    else:
+        raise FileNotFoundError(f"checkpoint={str(path)!r}: expected a run directory, a checkpoint directory "
+                                f"(with {STATE_FILE}) or an exported bundle (with {MANIFEST})")
+    merged = OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.from_dotlist(overrides))
+    cfg = OmegaConf.to_container(merged, resolve=True)
+    model.schedule = model.schedule.to(dtype=torch.float32)
+    return model, cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
+    with one_line_errors("diffmic.evaluate"):
+        if "checkpoint" not in args:
+            raise ValueError("checkpoint=PATH is required (a run directory, checkpoint or exported bundle)")
+        from diffmic.config import validate_config
+        from diffmic.data import build_splits
+        from diffmic.engine import evaluate
+        from diffmic.session import Session
+
+        split = args.pop("split", "test")
+        output = args.pop("output", None)
+        model, cfg = load_for_evaluation(args.pop("checkpoint"), [f"{k}={v}" for k, v in args.items()])
+        validate_config(cfg)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r}: expected train, val or test")
+        data = build_splits(cfg["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
+        session = Session(amp=cfg["train"].get("amp", True))
+        start = time.perf_counter()
+        metrics = evaluate(model.to(session.device), getattr(data, split), cfg, session, cfg.get("seed", 0))
+        metrics.update(split=split, images=len(getattr(data, split)), seconds=round(time.perf_counter() - start, 2),
+                       sampler=cfg["diffusion"]["sampler"], sample_steps=cfg["diffusion"]["sample_steps"])
+        from diffmic.checkpoint import to_jsonable
+        text = json.dumps(to_jsonable(metrics), indent=1)
+        print(text)
+        if output:
+            Path(output).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

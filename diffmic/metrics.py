@@ -1,0 +1,57 @@
+"""Whole-split classification metrics (never averaged over batches)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
+                             recall_score, roc_auc_score)
+
+# Scalar metrics every evaluation reports; the search may optimise any of them (prefixed val_ / test_).
+SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece", "dcg_accuracy")
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += inside.mean() * abs((predicted[inside] == labels[inside]).mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def one_vs_rest_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Macro one-vs-rest AUC over the classes present in `labels` (NaN when fewer than two are present)."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return float("nan")
+    scores = [roc_auc_score(labels == c, probs[:, c]) for c in present]
+    return float(np.mean(scores))
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.ndarray | None = None) -> dict:
+    """Scalar metrics plus per-class recall and the confusion matrix (rows = true class)."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    num_classes = probs.shape[1]
+    predicted = probs.argmax(1)
+    classes = list(range(num_classes))
+    with warnings.catch_warnings():  # classes absent from a small split are expected, not an error
+        warnings.simplefilter("ignore")
+        out = {
+            "accuracy": float(accuracy_score(labels, predicted)),
+            "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+            "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
+            "kappa": float(cohen_kappa_score(labels, predicted, labels=classes, weights="quadratic")),
+            "auc": one_vs_rest_auc(labels, probs),
+            "ece": expected_calibration_error(labels, probs),
+            "per_class_recall": recall_score(labels, predicted, labels=classes, average=None,
+                                             zero_division=0).tolist(),
+            "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
+        }
+    if np.isnan(out["kappa"]):  # sklearn gives NaN when both raters use one class; agreement is then perfect or nil
+        out["kappa"] = float(out["accuracy"] == 1.0)
+    if dcg_probs is not None:
+        out["dcg_accuracy"] = float(accuracy_score(labels, np.asarray(dcg_probs).argmax(1)))
+    return out

@@ -1,0 +1,109 @@
+"""Where a training run lives. The engine asks its session for the device, the data-parallel wrapping, and where
+reports and checkpoints go; `LocalSession` is a plain process writing to a run directory, and `tune/` provides
+the Ray Train one. Same loop, different surroundings."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffmic.checkpoint import STATE_FILE, save_checkpoint, to_jsonable
+
+
+class Session:
+    rank: int = 0
+    world_size: int = 1
+
+    def __init__(self, device: str | torch.device | None = None, amp: bool = True):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp = amp and self.device.type == "cuda"  # bf16 autocast only where it pays (CUDA)
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[diffmic] {message}", file=sys.stderr, flush=True)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def prepare_loader(self, loader):
+        return loader
+
+    def set_epoch(self, loader, epoch: int) -> None:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        raise NotImplementedError
+
+    def latest_checkpoint(self) -> Path | None:
+        return None
+
+    def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
+        """Called once on every rank after the final evaluation."""
+
+
+class LocalSession(Session):
+    """One process writing `output_dir/{history.csv, metrics.json, checkpoint/, model/}`."""
+
+    def __init__(self, output_dir: str | Path, resume: bool = False, device=None, amp: bool = True):
+        super().__init__(device, amp)
+        self.output_dir = Path(output_dir).resolve()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        self.rows: list[dict] = []
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoint"
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        self.rows = list(state["history"]) if state else self.rows + [metrics]
+        write_csv(self.output_dir / "history.csv", self.rows)
+        if state is not None:
+            save_checkpoint(self.checkpoint_dir, state)
+
+    def latest_checkpoint(self) -> Path | None:
+        if self.resume and (self.checkpoint_dir / STATE_FILE).is_file():
+            return self.checkpoint_dir
+        return None
+
+    def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
+        from diffmic.bundle import write_bundle
+
+        write_csv(self.output_dir / "history.csv", result.history)
+        metrics = {"val": result.val, "test": result.test, "best_epoch": result.best_epoch}
+        (self.output_dir / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=1))
+        write_bundle(self.output_dir / "model", model, cfg, class_names, metrics)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)

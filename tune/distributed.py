@@ -1,0 +1,138 @@
+"""Ray Train glue: run `diffmic.engine.train` as `train_loop_per_worker` of a `TorchTrainer`.
+
+`RaySession` is the engine's session inside a Ray Train worker: DDP through `prepare_model`, distributed sampling
+through `prepare_data_loader`, reports and checkpoints through `ray.train.report`, resume from
+`ray.train.get_checkpoint()`. `fit(cfg)` is what `python -m diffmic.train scaling.num_workers=N` calls; the search
+builds the same trainer per trial with `build_trainer`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+import diffmic  # noqa: F401 — applies the torchvision import fix in every worker process
+from diffmic.checkpoint import to_jsonable, write_checkpoint_files
+from diffmic.session import Session
+
+# Variables a worker needs to reach storage; passed explicitly when joining an existing cluster.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE")
+RESULT_FILE = "result.json"
+
+
+class RaySession(Session):
+    def __init__(self, amp: bool = True):
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        super().__init__(ray.train.torch.get_device(), amp)
+        self._scratch = Path(tempfile.mkdtemp(prefix="diffmic-ckpt-"))
+
+    def prepare_model(self, model):
+        # The pre-training phase leaves the denoiser unused, a frozen DCG leaves the DCG unused.
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    def prepare_loader(self, loader):
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        metrics = to_jsonable(metrics)
+        if state is None:
+            ray.train.report(metrics)
+            return
+        directory = None
+        if self.rank == 0:  # one copy of the (replicated) state is enough
+            directory = Path(tempfile.mkdtemp(dir=self._scratch))
+            write_checkpoint_files(directory, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        return Path(checkpoint.to_directory(str(self._scratch / "restored")))
+
+    def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
+        """With `train.test_at_end`, a final report whose checkpoint is the model bundle and its test metrics."""
+        if not cfg["train"].get("test_at_end", True):
+            return
+        from diffmic.bundle import write_bundle
+        directory = None
+        metrics = {"val": result.val, "test": result.test, "best_epoch": result.best_epoch}
+        if self.rank == 0:
+            directory = Path(tempfile.mkdtemp(dir=self._scratch))
+            write_bundle(directory / "model", model, cfg, class_names, to_jsonable(metrics))
+            (directory / RESULT_FILE).write_text(json.dumps(to_jsonable(metrics), indent=1))
+        flat = {"epoch": result.best_epoch, "final": 1, **{f"val_{k}": v for k, v in result.val.items()},
+                **{f"test_{k}": v for k, v in result.test.items()}}
+        flat = {k: v for k, v in to_jsonable(flat).items() if not isinstance(v, list)}
+        ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    from diffmic.engine import train
+    train(cfg, RaySession(amp=cfg["train"].get("amp", True)))
+
+
+def runtime_env() -> dict:
+    return {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+
+
+def init_ray(cfg: dict) -> None:
+    """Join the cluster at RAY_ADDRESS (or the one this process runs in), else start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env(), log_to_driver=True)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env())
+
+
+def build_trainer(cfg: dict, storage, name: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+    scaling, t = cfg["scaling"], cfg["train"]
+    path, fs = storage.ray_storage_path, storage.ray_filesystem()
+    if fs is not None:
+        path = path.removeprefix("s3://")
+    score = f"val_{t.get('select_metric', 'macro_f1')}"
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=max(1, scaling["num_workers"]), use_gpu=scaling["use_gpu"],
+                                               resources_per_worker=dict(scaling.get("resources_per_worker") or {})),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks or [],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.get("num_to_keep"),
+                                                         checkpoint_score_attribute=score,
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.get("max_failures", 0)),
+        ),
+    )
+
+
+def fit(cfg: dict) -> dict:
+    """`diffmic.train` through Ray Train: checks storage first, then trains; results land in storage."""
+    from tune.storage import open_storage
+
+    storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"].get("create_bucket", False))
+    name = cfg["experiment"]
+    if storage.list(name) and not cfg.get("resume", False):
+        raise ValueError(f"experiment={name!r} already exists under {storage.uri}: pass resume=true to continue it "
+                         f"or choose another experiment name (nothing was overwritten)")
+    init_ray(cfg)
+    result = build_trainer(cfg, storage, name).fit()
+    if result.error:
+        raise result.error
+    summary = {"experiment": name, "storage": storage.join(name), "metrics": to_jsonable(result.metrics),
+               "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    storage.write_text(f"{name}/{RESULT_FILE}", json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return summary
