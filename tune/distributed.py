@@ -99,9 +99,8 @@ def init_ray(cfg: dict) -> None:
 
 def build_trainer(cfg: dict, storage, name: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
     scaling, t = cfg["scaling"], cfg["train"]
-    path, fs = storage.ray_storage_path, storage.ray_filesystem()
-    if fs is not None:
-        path = path.removeprefix("s3://")
+    fs = storage.ray_filesystem()
+    path = storage.fs_path if fs is not None else storage.ray_storage_path
     score = f"val_{t.get('select_metric', 'macro_f1')}"
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,

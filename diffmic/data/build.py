@@ -1,0 +1,80 @@
+"""`build_splits`: config dict -> validated train / val / test datasets (val carved from train, stratified)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from diffmic.data import synthetic
+from diffmic.data.config import resolve_config
+from diffmic.data.datasets import DataSplits, ImageListDataset, SyntheticDataset
+from diffmic.data.errors import DataError
+from diffmic.data.images import check_images
+from diffmic.data.sources import READERS
+from diffmic.data.splits import stratified_carve
+from diffmic.data.transforms import eval_transform, train_transform
+
+_TEST_STREAM, _VAL_STREAM = 1, 2  # distinct random streams for the two carves
+
+
+def _check_train_classes(labels: np.ndarray, class_names: list[str], where: str) -> None:
+    counts = np.bincount(labels, minlength=len(class_names)) if len(labels) else np.zeros(len(class_names), int)
+    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty and len(labels):
+        raise DataError(f"class {empty[0]!r} has no training example in {where}"
+                        f"{f' (nor do {len(empty) - 1} other classes)' if len(empty) > 1 else ''}; "
+                        "expected at least one training image per class")
+
+
+def _nonempty(name: str, n: int, why: str) -> None:
+    if n == 0:
+        raise DataError(f"the {name} split is empty ({why}); expected at least one example")
+
+
+def build_splits(cfg: Mapping, seed: int = 0) -> DataSplits:
+    """Validate `cfg` (the `dataset` config group as a dict) and the data it points to, then build the splits.
+
+    Everything that can be checked without training is checked here, so bad input fails before any cluster work
+    with one DataError line. The carves (test from train when the source has no test split, then val from train)
+    are stratified and seeded by `split_seed`; `seed` is used only when `split_seed` is null.
+    """
+    c = resolve_config(cfg)
+    split_seed = c["split_seed"] if c["split_seed"] is not None else int(seed)
+    size, mean, std, aug = c["image_size"], c["mean"], c["std"], c["augment"]
+    tf_train = train_transform(size, aug["hflip"], aug["vflip"], aug["rotation"], mean, std)
+    tf_eval = eval_transform(size, mean, std)
+
+    if c["name"] == "synthetic":
+        n_cls = c["num_classes"]
+        names = list(c["class_names"] or synthetic.class_names(n_cls))
+        labels = synthetic.label_of(np.arange(c["num_train"]), n_cls)
+        _check_train_classes(labels, names, f"the synthetic train split (num_train = {c['num_train']})")
+        keep, val = stratified_carve(labels, c["val_fraction"], [split_seed, _VAL_STREAM])
+        _nonempty("val", len(val), f"val_fraction = {c['val_fraction']} of {c['num_train']} training examples")
+
+        def make(idx, split_id, tf):
+            return SyntheticDataset(idx, n_cls, size, c["seed"], split_id, tf)
+        return DataSplits(make(keep, 0, tf_train), make(val, 0, tf_eval),
+                          make(np.arange(c["num_test"]), 1, tf_eval), names)
+
+    src = READERS[c["name"]](c)
+    names, where = src.class_names, src.where
+    _nonempty("train", len(src.train_paths), f"no training examples found in {where}")
+    _check_train_classes(src.train_labels, names, where)
+    tr_p, tr_y = list(src.train_paths), src.train_labels
+    all_paths = tr_p + list(src.test_paths or [])  # source order, for the first-missing-file message
+    if src.test_paths is None:
+        keep, carved = stratified_carve(tr_y, c["test_fraction"], [split_seed, _TEST_STREAM])
+        te_p, te_y = [tr_p[i] for i in carved], tr_y[carved]
+        tr_p, tr_y = [tr_p[i] for i in keep], tr_y[keep]
+        _nonempty("test", len(te_p), f"test_fraction = {c['test_fraction']} of {len(keep) + len(carved)} examples")
+    else:
+        te_p, te_y = list(src.test_paths), src.test_labels
+        _nonempty("test", len(te_p), f"the test source of {where} lists no image")
+    keep, val = stratified_carve(tr_y, c["val_fraction"], [split_seed, _VAL_STREAM])
+    _nonempty("val", len(val), f"val_fraction = {c['val_fraction']} of {len(tr_y)} training examples")
+    _nonempty("train", len(keep), f"all {len(tr_y)} training examples went to val")
+    check_images(all_paths, c["verify_images"], where)
+    return DataSplits(ImageListDataset([tr_p[i] for i in keep], tr_y[keep], tf_train),
+                      ImageListDataset([tr_p[i] for i in val], tr_y[val], tf_eval),
+                      ImageListDataset(te_p, te_y, tf_eval), list(names))
