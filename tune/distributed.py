@@ -80,6 +80,11 @@ class RaySession(Session):
 
 def train_loop_per_worker(cfg: dict) -> None:
     from diffmic.engine import train
+    cpus = (cfg["scaling"].get("resources_per_worker") or {}).get("CPU")
+    if cpus:  # one intra-op thread per reserved CPU: oversubscribed OpenMP threads slow every worker down
+        torch.set_num_threads(max(1, int(cpus)))
+    # The driver already verified every image; workers only read them.
+    cfg = localize_dataset({**cfg, "dataset": {**cfg["dataset"], "verify_images": False}})
     train(cfg, RaySession(amp=cfg["train"].get("amp", True)))
 
 
@@ -135,3 +140,13 @@ def fit(cfg: dict) -> dict:
     storage.write_text(f"{name}/{RESULT_FILE}", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
+
+
+def localize_dataset(cfg: dict) -> dict:
+    """A dataset under s3:// is downloaded once per node into a local cache; the config then points there."""
+    root = cfg["dataset"].get("root")
+    if not (isinstance(root, str) and root.startswith("s3://")):
+        return cfg
+    from tune.storage import materialize
+    cache = Path(os.environ.get("DIFFMIC_CACHE", Path.home() / ".cache" / "diffmic")) / "datasets"
+    return {**cfg, "dataset": {**cfg["dataset"], "root": str(materialize(root, cache))}}

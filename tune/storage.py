@@ -166,6 +166,17 @@ class Storage:
         """The root as a path inside ray_filesystem(): "bucket/prefix" for S3, the absolute path for local."""
         return self.uri[5:] if self.is_s3 else self.uri
 
+    def uri_of(self, fs_path: str) -> str:
+        """A path as Ray reports it (e.g. a checkpoint's `bucket/key` inside ray_filesystem()) as a full URI."""
+        return "s3://" + fs_path.removeprefix("s3://") if self.is_s3 else str(Path(fs_path).resolve())
+
+    def relative(self, fs_path_or_uri: str) -> str:
+        """The key of a path or URI below this root."""
+        full, root = self.uri_of(fs_path_or_uri), self.uri.rstrip("/") + "/"
+        if not full.startswith(root):
+            raise StorageError(f"{full!r} is not under the storage root {self.uri!r}")
+        return full[len(root):]
+
     def ray_filesystem(self) -> pyarrow.fs.FileSystem | None:
         """pyarrow S3FileSystem for RunConfig(storage_filesystem=..., storage_path=self.fs_path); None for local.
 

@@ -28,12 +28,16 @@ class ConditionalLinear(nn.Module):
 
 class Denoiser(nn.Module):
     def __init__(self, num_classes: int, timesteps: int, encoder: str = "resnet18", feature_dim: int = 6144,
-                 pretrained: bool = False, weights: str | None = None):
+                 pretrained: bool = False, weights: str | None = None, embedding_bias: float = 0.0):
         super().__init__()
         if feature_dim < 1:
             raise ValueError(f"model.denoiser.feature_dim={feature_dim}: expected a positive integer")
         self.encoder = create_backbone(encoder, pooled=True, pretrained=pretrained, weights=weights)
         self.project = nn.Sequential(nn.Linear(self.encoder.num_features, feature_dim), nn.BatchNorm1d(feature_dim))
+        # f(x) gates the label path multiplicatively and BN centres it, so at the official init (bias 0) the gate is
+        # closed on average and label information passes only once the bias has grown. Starting at 1 opens it:
+        # the noise MSE then falls about twice as fast in the first hundred steps (measured on the synthetic data).
+        nn.init.constant_(self.project[1].bias, embedding_bias)
         self.cl1 = ConditionalLinear(2 * num_classes, feature_dim, timesteps)
         self.cl2 = ConditionalLinear(feature_dim, feature_dim, timesteps)
         self.cl3 = ConditionalLinear(feature_dim, feature_dim, timesteps)

@@ -1,0 +1,20 @@
+"""Shared test helpers: compose the real Hydra configs with overrides."""
+from __future__ import annotations
+
+from diffmic.cli import CONFIG_DIR
+
+TINY = [  # a run that takes seconds: 32 px synthetic images, tiny splits, one epoch
+    "dataset.image_size=32", "dataset.num_train=96", "dataset.num_test=32", "model.dcg.roi_count=2",
+    "model.denoiser.feature_dim=32", "diffusion.timesteps=50", "diffusion.sample_steps=5", "train.epochs=1",
+    "train.dcg_pretrain_epochs=1", "train.batch_size=16", "train.eval_batch_size=64",
+]
+
+
+def compose(overrides: list[str] = (), config_name: str = "config") -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)

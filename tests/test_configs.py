@@ -1,0 +1,46 @@
+"""Every option of every config group composes, and the composed configs pass validation."""
+import pytest
+
+from diffmic.cli import CONFIG_DIR
+from diffmic.config import ConfigError, validate_config
+
+from helpers import compose
+
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONFIG_DIR.iterdir() if g.is_dir()}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() if g not in ("preset",) for o in opts])
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "storage" and option == "s3":
+        overrides.append("storage.uri=s3://bucket/prefix")
+    cfg = compose(overrides, "search" if group == "search" else "config")
+    if group not in ("search",):
+        validate_config(cfg)
+
+
+def test_dataset_preset_follows_the_dataset():
+    assert compose([])["model"]["dcg"]["backbone"] == "resnet18"  # synthetic preset
+    isic = compose(["dataset=isic2018"])
+    assert isic["model"]["dcg"]["backbone"] == "resnet50" and isic["diffusion"]["sample_steps"] == 250
+    assert isic["model"]["denoiser"]["feature_dim"] == 6144 and isic["train"]["epochs"] == 1000
+
+
+def test_search_config_has_the_default_space():
+    cfg = compose([], "search")
+    keys = {p["key"] for p in cfg["search"]["space"].values()}
+    assert keys == {"diffusion.timesteps", "diffusion.schedule", "train.mmd_weight", "model.dcg.roi_count"}
+    assert cfg["train"]["test_at_end"] is False and cfg["scaling"]["num_workers"] == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("diffusion.sample_steps=2000", "diffusion.sample_steps=2000: expected null (all 1000 steps) or an integer in 1..1000"),
+    ("train.epochs=0", "train.epochs=0: expected an integer >= 1"),
+    ("diffusion.schedule=nope", "diffusion.schedule='nope': expected one of linear"),
+    ("train.mmd_weight=-1", "train.mmd_weight=-1: expected a weight >= 0"),
+    ("model.dcg.crop_size=100", "model.dcg.crop_size=100: expected an integer in 1..64"),
+])
+def test_impossible_values_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        validate_config(compose([override]))
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,119 @@
+"""After a dataset's search: the per-trial summary, the best trial (chosen on validation), its one test
+evaluation and its exported bundle."""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import ray
+
+from diffmic.checkpoint import to_jsonable
+from tune.runner import DatasetSearch
+from tune.storage import open_storage
+
+CHECKPOINT_KEY = "checkpoint_path"
+
+
+def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary: one row per trial, history: one row per reported epoch) for one dataset's ResultGrid."""
+    s, t, scaling = search.cfg["search"], search.cfg["train"], search.cfg["scaling"]
+    metric, mode = s["metric"], s["mode"]
+    workers = max(1, scaling["num_workers"])
+    per_worker = dict(scaling.get("resources_per_worker") or {})
+    cpus = per_worker.get("CPU", 1) * workers
+    gpus = (per_worker.get("GPU", 1) if scaling.get("use_gpu") else 0) * workers
+    rows, history = [], []
+    for result in grid:
+        df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        params = {p.key: result.config.get(p.key) for p in search.params}
+        row = {"dataset": search.dataset, "trial_id": trial_id, **params}
+        if metric in df.columns and df[metric].notna().any():
+            best = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
+            with_ckpt = df[df.get(CHECKPOINT_KEY, pd.Series(dtype=object)).notna()] if CHECKPOINT_KEY in df else df.iloc[0:0]
+            if len(with_ckpt):
+                ck = with_ckpt.loc[with_ckpt[metric].idxmax() if mode == "max" else with_ckpt[metric].idxmin()]
+                checkpoint = ck[CHECKPOINT_KEY]
+            else:
+                checkpoint = None
+            epochs = int(df["epoch"].max())
+            wall = float(df["time_total_s"].max()) if "time_total_s" in df else math.nan
+            row.update({c: best[c] for c in df.columns if c.startswith("val_") and not isinstance(best[c], list)})
+            row.update(best_epoch=int(best["epoch"]), epochs_run=epochs, checkpoint_path=checkpoint,
+                       wall_time_s=wall, cpu_hours=wall * cpus / 3600, gpu_hours=wall * gpus / 3600)
+            stopped = result.error is None and epochs < t["epochs"]
+            row["stopped_early"] = stopped
+            row["status"] = "ERROR" if result.error else ("STOPPED_EARLY" if stopped else "COMPLETED")
+            keep = [c for c in df.columns if c in ("epoch", "time_total_s") or c.startswith(("val_", "train_"))]
+            history.append(df[keep].assign(dataset=search.dataset, trial_id=trial_id))
+        else:
+            row.update(status="ERROR" if result.error else "NO_RESULT", epochs_run=0, stopped_early=False)
+        rows.append(row)
+    return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
+
+
+def best_trial(summary: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    ok = summary[summary[metric].notna() & summary["checkpoint_path"].notna()] if metric in summary else summary.iloc[0:0]
+    if ok.empty:
+        return None
+    return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
+
+
+def _test_and_export(cfg: dict, checkpoint_path: str, storage_uri: str, export_rel: str | None,
+                     provenance: dict) -> dict:
+    """Runs where a trial's worker would (GPU if the trials use one): test metrics of the checkpoint's
+    evaluation weights, and the bundle exported from those same weights."""
+    import diffmic  # noqa: F401
+    from diffmic.bundle import write_bundle
+    from diffmic.checkpoint import load_state
+    from diffmic.data import build_splits
+    from diffmic.engine import evaluate
+    from diffmic.models import build_model
+    from diffmic.session import Session
+    from tune.distributed import localize_dataset
+
+    storage = open_storage(storage_uri, check=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "checkpoint"
+        storage.download_dir(storage.relative(checkpoint_path), local)
+        state = load_state(local)
+    cfg = localize_dataset(cfg)
+    data = build_splits(cfg["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
+    model = build_model(cfg, data.num_classes, cfg["dataset"]["image_size"])
+    model.load_state_dict(state["model"])
+    if state.get("best_weights"):
+        model.load_state_dict(state["best_weights"])
+    elif state.get("ema"):
+        model.load_state_dict(state["ema"]["shadow"], strict=False)
+    session = Session(amp=cfg["train"].get("amp", True))
+    model = model.to(session.device)
+    test = evaluate(model, data.test, cfg, session, generator_seed=cfg.get("seed", 0))
+    val = state["best"]["metrics"] if state.get("best") else {}
+    if export_rel is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = write_bundle(Path(tmp) / "bundle", model.cpu(), cfg, data.class_names,
+                                  to_jsonable({"val": val, "test": test}), provenance)
+            storage.upload_dir(bundle, export_rel)
+    return {"test": to_jsonable(test), "class_names": data.class_names}
+
+
+def test_best(search: DatasetSearch, best: pd.Series, export: bool) -> dict:
+    """Evaluate the best trial's best checkpoint on the test split, once, and export it."""
+    from tune.space import apply
+
+    params = {p.key: best[p.key] for p in search.params}
+    cfg = apply(search.cfg, {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()})
+    scaling = cfg["scaling"]
+    resources = dict(scaling.get("resources_per_worker") or {})
+    num_gpus = resources.pop("GPU", 1) if scaling.get("use_gpu") else 0
+    num_cpus = resources.pop("CPU", 1)
+    provenance = {"experiment": search.experiment, "dataset": search.dataset, "trial_id": best["trial_id"],
+                  "params": to_jsonable(params), "checkpoint": search.storage.uri_of(best["checkpoint_path"]),
+                  "selected_on": search.cfg["search"]["metric"]}
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(_test_and_export)
+    export_rel = f"best/{search.dataset}" if export else None
+    out = ray.get(task.remote(cfg, best["checkpoint_path"], search.storage.uri, export_rel, provenance))
+    return {**out, "bundle_uri": search.storage.join(export_rel) if export else None,
+            "checkpoint_uri": provenance["checkpoint"]}

@@ -1,0 +1,135 @@
+"""One dataset's search: a Ray Tune experiment whose trials are Ray Train runs of the DiffMIC training loop,
+sampled by Optuna (TPE by default) and stopped early by ASHA on the per-epoch validation metric."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from tune.distributed import build_trainer
+from tune.space import Param, apply, tune_space
+from tune.storage import Storage, open_storage
+
+
+@dataclass
+class DatasetSearch:
+    dataset: str
+    cfg: dict              # the composed config for this dataset (training keys + `search`)
+    params: list[Param]
+    storage: Storage       # the storage root
+    experiment: str
+
+    @property
+    def rel(self) -> str:  # the Tune experiment, relative to the storage root
+        return f"{self.experiment}/{self.dataset}"
+
+    @property
+    def checkpoints_rel(self) -> str:  # where each trial's Ray Train run keeps its checkpoints
+        return f"{self.rel}/checkpoints"
+
+    def optuna_db(self) -> Path:
+        """The study's SQLite file, local to the driver (copied next to the results after the search)."""
+        base = Path(os.environ.get("DIFFMIC_CACHE", Path.home() / ".cache" / "diffmic"))
+        return base / "optuna" / self.storage.uri.replace("://", "_").replace("/", "_") / self.experiment / f"{self.dataset}.db"
+
+
+def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
+    """A Tune trial: one Ray Train run with the sampled values applied as overrides of the base config.
+
+    The inner run is named after the trial, so a restored trial finds its own checkpoints and continues.
+    """
+    cfg = apply(base_cfg, params)
+    storage = open_storage(checkpoints_uri, check=False)
+    trial_id = tune.get_context().get_trial_id()
+    result = build_trainer(cfg, storage, name=trial_id, callbacks=[TuneReportCallback()]).fit()
+    if result.error:
+        raise result.error
+
+
+def optuna_searcher(search: DatasetSearch):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = search.cfg["search"]
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=s["seed"]),
+        "random": lambda: optuna.samplers.RandomSampler(seed=s["seed"]),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=s["seed"]),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=s["seed"]),
+    }
+    if s.get("optuna_storage"):
+        storage = optuna.storages.RDBStorage(s["optuna_storage"])
+    else:
+        db = search.optuna_db()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if not db.exists() and search.storage.exists(f"{search.experiment}/optuna/{search.dataset}.db"):
+            search.storage.download_file(f"{search.experiment}/optuna/{search.dataset}.db", db)  # a new driver
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    searcher = OptunaSearch(sampler=samplers[s["sampler"]](), storage=storage,
+                            study_name=f"{search.experiment}-{search.dataset}")
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent(search.cfg))
+
+
+def max_concurrent(cfg: dict) -> int:
+    """Trials at once: the knob, else as many as the cluster's current CPUs/GPUs fit (Tune cannot count Train's
+    workers itself under Train V2, ray-project/ray#54305)."""
+    if cfg["search"].get("max_concurrent_trials"):
+        return int(cfg["search"]["max_concurrent_trials"])
+    scaling = cfg["scaling"]
+    per_worker = dict(scaling.get("resources_per_worker") or {})
+    workers = max(1, scaling["num_workers"])
+    total = ray.cluster_resources()
+    fits = []
+    for resource, amount in per_worker.items():
+        if amount:
+            fits.append(int(total.get(resource, 0) // (amount * workers)))
+    if scaling.get("use_gpu") and "GPU" not in per_worker:
+        fits.append(int(total.get("GPU", 0) // workers))
+    return max(1, min(fits) if fits else 1)
+
+
+def progress_reporter(search: DatasetSearch):
+    metric = search.cfg["search"]["metric"]
+    columns = {metric: metric.replace("val_", "val "), "val_accuracy": "val acc", "val_dcg_accuracy": "DCG acc",
+               "train_loss": "loss", "epoch": "epoch"}
+    return tune.CLIReporter(metric_columns=columns, parameter_columns={p.key: p.name for p in search.params},
+                            max_report_frequency=30, sort_by_metric=True, metric=metric,
+                            mode=search.cfg["search"]["mode"])
+
+
+def run_search(search: DatasetSearch) -> tune.ResultGrid:
+    """Start the dataset's experiment, or continue it from storage when it exists (finished trials stay done)."""
+    s, t = search.cfg["search"], search.cfg["train"]
+    fs = search.storage.ray_filesystem()
+    root = open_storage(search.storage.join(search.experiment), check=False)
+    path = root.fs_path if fs is not None else root.ray_storage_path
+    exp_path = f"{path}/{search.dataset}"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_cfg=search.cfg, checkpoints_uri=search.storage.join(search.checkpoints_rel)),
+        {"CPU": 0.01},  # the trial itself only waits on its Ray Train run; 0 is refused
+    )
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        print(f"[search] {search.dataset}: resuming {search.storage.join(search.rel)}", flush=True)
+        return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs).fit()
+    scheduler = None
+    if s["scheduler"] == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=t["epochs"] // t.get("val_every", 1) or 1,
+                                  grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
+    tuner = tune.Tuner(
+        trainable,
+        param_space=tune_space(search.params),
+        tune_config=tune.TuneConfig(metric=s["metric"], mode=s["mode"], search_alg=optuna_searcher(search),
+                                    scheduler=scheduler, num_samples=s["num_samples"],
+                                    time_budget_s=s.get("time_budget_s")),
+        run_config=tune.RunConfig(name=search.dataset, storage_path=path, storage_filesystem=fs,
+                                  progress_reporter=progress_reporter(search), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=search.cfg["scaling"].get("max_failures", 0))),
+    )
+    return tuner.fit()

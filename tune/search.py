@@ -1,0 +1,182 @@
+"""`python tune/search.py [overrides]`: search DiffMIC hyperparameters per dataset with Ray Tune + Optuna.
+
+    python tune/search.py "datasets=[synthetic]" search.num_samples=8 train.epochs=4 storage=s3 storage.uri=s3://b/p
+    ray job submit --working-dir . -- python tune/search.py …
+
+Per dataset: an Optuna (TPE) study sampling `search.space`, ASHA stopping weak trials on the per-epoch validation
+metric, each trial a Ray Train run. At the end the best trial (on validation) is tested once and exported, and
+`<storage>/<experiment>/{summary,best}.csv` are written. Running again with the same experiment name resumes.
+Everything is checked (config, space, data, storage) before any trial starts.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tune/search.py` from any working copy
+
+from diffmic.cli import CONFIG_DIR, one_line_errors, to_plain  # noqa: E402
+
+SAMPLERS, SCHEDULERS, MODES = ("tpe", "random", "cmaes", "qmc"), ("asha", "none"), ("max", "min")
+
+
+def check_search(cfg: dict) -> None:
+    from diffmic.metrics import SCALAR_METRICS
+    from tune.space import SearchError
+
+    s = cfg["search"]
+
+    def need(key: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise SearchError(f"search.{key}={s.get(key)!r}: expected {expected}")
+
+    need("num_samples", isinstance(s["num_samples"], int) and s["num_samples"] >= 1, "an integer >= 1")
+    metrics = [f"val_{m}" for m in SCALAR_METRICS]
+    need("metric", s["metric"] in metrics, f"a reported validation metric: {', '.join(metrics)}")
+    need("mode", s["mode"] in MODES, "max or min")
+    need("sampler", s["sampler"] in SAMPLERS, f"one of {', '.join(SAMPLERS)}")
+    need("scheduler", s["scheduler"] in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
+    need("grace_period", isinstance(s["grace_period"], int) and s["grace_period"] >= 1, "an integer >= 1")
+    need("reduction_factor", s["reduction_factor"] >= 2, "a number >= 2")
+    need("max_concurrent_trials", s["max_concurrent_trials"] is None or s["max_concurrent_trials"] >= 1,
+         "null or an integer >= 1")
+    need("time_budget_s", s["time_budget_s"] is None or s["time_budget_s"] > 0, "null or seconds > 0")
+    datasets = cfg["datasets"]
+    known = sorted(p.stem for p in (CONFIG_DIR / "dataset").glob("*.yaml"))
+    if not datasets or not isinstance(datasets, list):
+        raise SearchError(f"datasets={datasets!r}: expected a non-empty list, e.g. datasets=[synthetic]")
+    for name in datasets:
+        if name not in known:
+            raise SearchError(f"datasets: unknown dataset {name!r}: expected one of {', '.join(known)} "
+                              f"(or a file configs/dataset/{name}.yaml)")
+    if not str(cfg["experiment"]).replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise SearchError(f"experiment={cfg['experiment']!r}: expected letters, digits, '-', '_' or '.'")
+
+
+def plan(cfg: dict, overrides: list[str]):
+    """Every check a search needs, before Ray starts: search knobs, storage, each dataset's config, space, data."""
+    from hydra import compose
+
+    from diffmic.config import validate_config
+    from diffmic.data import build_splits
+    from tune.distributed import localize_dataset
+    from tune.runner import DatasetSearch
+    from tune.space import SearchError, check_against_config, parse_space
+    from tune.storage import open_storage
+
+    check_search(cfg)
+    storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"].get("create_bucket", False))
+    if cfg.get("resume") and not storage.exists(cfg["experiment"]):
+        raise SearchError(f"resume=true but there is no experiment {cfg['experiment']!r} under {storage.uri}")
+    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("datasets", "dataset")]
+    searches = []
+    for name in cfg["datasets"]:
+        dcfg = to_plain(compose(config_name="search", overrides=[*kept, f"dataset={name}"]))
+        validate_config(dcfg)
+        params = parse_space(dcfg["search"]["space"], dcfg)
+        check_against_config(params, dcfg)
+        data = build_splits(localize_dataset(dcfg)["dataset"], seed=dcfg["dataset"].get("split_seed", dcfg["seed"]))
+        print(f"[search] {name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
+              f"{data.num_classes} classes; {len(params)} parameters, {dcfg['search']['num_samples']} trials",
+              flush=True)
+        searches.append(DatasetSearch(name, dcfg, params, storage, cfg["experiment"]))
+    return storage, searches
+
+
+def write_table(storage, rel: str, frame) -> None:
+    storage.write_text(f"{rel}.csv", frame.to_csv(index=False))
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    storage.write_bytes(f"{rel}.parquet", buffer.getvalue())
+
+
+def search(cfg: dict, overrides: list[str]) -> None:
+    import pandas as pd
+
+    import json
+    import time
+
+    from diffmic.checkpoint import to_jsonable
+    from tune.distributed import init_ray
+    from tune.results import best_trial, test_best, trial_frames
+    from tune.runner import run_search
+
+    storage, searches = plan(cfg, overrides)
+    started = time.time()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter shows the columns chosen below
+    init_ray(cfg)
+    summaries, histories, bests, details = [], [], [], {}
+    for s in searches:
+        grid = run_search(s)
+        summary, history = trial_frames(s, grid)
+        summaries.append(summary)
+        histories.append(history)
+        metric, mode = s.cfg["search"]["metric"], s.cfg["search"]["mode"]
+        best = best_trial(summary, metric, mode)
+        if best is None:
+            print(f"[search] {s.dataset}: no trial reported {metric}; nothing to test or export", flush=True)
+            continue
+        tested = test_best(s, best, export=cfg.get("export", True))
+        row = {"dataset": s.dataset, "trial_id": best["trial_id"], **{p.key: best[p.key] for p in s.params},
+               **{k: best[k] for k in summary.columns if k.startswith("val_")},
+               **{f"test_{k}": v for k, v in tested["test"].items() if not isinstance(v, list)},
+               "checkpoint_uri": tested["checkpoint_uri"], "bundle_uri": tested["bundle_uri"]}
+        bests.append(row)
+        details[s.dataset] = {"trial_id": best["trial_id"], "params": {p.key: best[p.key] for p in s.params},
+                              "val": {k.removeprefix("val_"): best[k] for k in summary.columns if k.startswith("val_")},
+                              "test": tested["test"], "class_names": tested["class_names"],
+                              "checkpoint_uri": tested["checkpoint_uri"], "bundle_uri": tested["bundle_uri"]}
+        if not s.cfg["search"].get("optuna_storage") and s.optuna_db().exists():
+            storage.write_bytes(f"{s.experiment}/optuna/{s.dataset}.db", s.optuna_db().read_bytes())
+    exp = cfg["experiment"]
+    summary = pd.concat(summaries, ignore_index=True)
+    write_table(storage, f"{exp}/summary", summary)
+    history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else pd.DataFrame()
+    write_table(storage, f"{exp}/history", history)
+    best = pd.DataFrame(bests)
+    write_table(storage, f"{exp}/best", best)
+    storage.write_text(f"{exp}/best.json", json.dumps(to_jsonable(details), indent=1))
+    first = searches[0].cfg["search"]
+    meta = {"experiment": exp, "datasets": [s.dataset for s in searches], "metric": first["metric"],
+            "mode": first["mode"], "num_samples": first["num_samples"], "scheduler": first["scheduler"],
+            "sampler": first["sampler"], "epochs_per_trial": searches[0].cfg["train"]["epochs"],
+            "space": {p.name: {"key": p.key, "kind": p.kind, "values": list(p.values)} for p in searches[0].params},
+            "started": started, "wall_time_s": time.time() - started}
+    storage.write_text(f"{exp}/search.json", json.dumps(to_jsonable(meta), indent=1))
+    if cfg.get("report", True):
+        from tune.report import write_report
+        write_report(storage, exp)
+    print_tables(summary, best, storage, exp)
+
+
+def print_tables(summary, best, storage, exp: str) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
+        cols = [c for c in summary.columns if c not in ("checkpoint_path",)]
+        shown = [c for c in cols if not c.startswith("val_") or c in ("val_macro_f1", "val_accuracy", "val_dcg_accuracy")]
+        print(f"\n== trials ({len(summary)}) ==\n{summary[shown].to_string(index=False)}")
+        if len(best):
+            keep = [c for c in best.columns if not c.startswith(("val_", "test_")) or c in
+                    ("val_macro_f1", "val_accuracy", "test_macro_f1", "test_accuracy", "test_balanced_accuracy",
+                     "test_kappa", "test_auc", "test_dcg_accuracy")]
+            print(f"\n== best model per dataset (chosen on validation, tested once) ==\n{best[keep].T.to_string(header=False)}")
+    print(f"\nresults: {storage.join(exp)}/{{summary,best}}.csv" + (f", report: {storage.join(exp, 'report.html')}"), flush=True)
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")
+    def _main(cfg) -> None:
+        with one_line_errors("search"):
+            search(to_plain(cfg), list(HydraConfig.get().overrides.task))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
