@@ -1,0 +1,202 @@
+"""`python -m diffmic.predict MODEL_URI IMAGE_OR_DIR... [--output predictions.csv] [--samples S] [--sampler …]`
+
+Classifies images with an exported bundle (a local directory, a run directory holding `model/`, or `s3://…`).
+Prints one line per image: path, predicted class, its probability, the predictive entropy over S sampled chains (and,
+for S > 1, their spread), and every class probability. `--output FILE` writes the same as CSV. An unreadable image is
+named on stderr and skipped; the exit code is then 1 (0: all predicted; 2: bad arguments or bundle).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import diffmic
+from diffmic.bundle import MANIFEST, META, Bundle, BundleError, load_bundle, verify_bundle
+from diffmic.cli import one_line_errors
+from diffmic.data import DataError, eval_transform, load_image
+from diffmic.diffusion import SAMPLERS
+
+PROGRAM = "diffmic.predict"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+FIXED_COLUMNS = ("path", "predicted", "confidence", "entropy", "sample_std")
+
+
+@dataclass
+class Failure:
+    path: str
+    error: str
+
+
+def bundle_directory(uri: str) -> Path:
+    """A local directory for MODEL_URI; an s3:// bundle is mirrored into $DIFFMIC_CACHE (~/.cache/diffmic/bundles)."""
+    if uri.lower().startswith("s3://"):
+        try:
+            import botocore.exceptions as bex
+            from tune.storage import materialize
+        except ImportError as e:
+            raise ValueError(f"{uri}: loading a bundle from S3 needs the `tune` package and boto3 ({e})") from None
+        try:
+            path = materialize(uri, os.environ.get("DIFFMIC_CACHE") or Path.home() / ".cache" / "diffmic" / "bundles")
+        except (bex.BotoCoreError, bex.ClientError) as e:  # no credentials, no bucket, endpoint unreachable, …
+            raise ValueError(f"cannot download bundle {uri}: {type(e).__name__}: {e}") from None
+    else:
+        path = Path(uri).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {uri!r}: no such bundle directory")
+    return path / "model" if (path / "model" / MANIFEST).is_file() else path  # a run directory holds its bundle
+
+
+def open_bundle(uri: str, device: str = "cpu") -> Bundle:
+    """Verify the manifest (every file's SHA-256) and the diffmic major version, then load the model."""
+    directory = bundle_directory(uri)
+    verify_bundle(directory)
+    meta = json.loads((directory / META).read_text())
+    theirs, ours = str((meta.get("versions") or {}).get("diffmic", "unknown")), diffmic.__version__
+    if theirs.split(".")[0] != ours.split(".")[0]:
+        raise BundleError(f"bundle {str(directory)!r} was written by diffmic {theirs}, which is incompatible with "
+                          f"this diffmic {ours} (major version differs); re-export it with this version")
+    return load_bundle(directory, device)
+
+
+def find_images(args: Sequence[str]) -> list[str]:
+    """Files as given; directories walked (recursively, sorted) for image files."""
+    found: list[str] = []
+    for arg in args:
+        if os.path.isdir(arg):
+            for root, dirs, files in os.walk(arg):
+                dirs.sort()
+                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        else:
+            found.append(arg)  # a missing or unreadable file is reported when it is read
+    if not found:
+        raise ValueError(f"no images found in {', '.join(args)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+def resolve_settings(bundle: Bundle, sampler: str | None, steps: int | None, eta: float | None,
+                     num_samples: int | None) -> tuple[str, int | None, float, int]:
+    """The bundle's sampler defaults with the given overrides, checked before any image is read."""
+    defaults = bundle.meta.get("sampler") or {}
+    sampler = sampler or defaults.get("sampler") or "official"
+    steps = steps if steps is not None else defaults.get("sample_steps")
+    eta = eta if eta is not None else (defaults.get("eta") or 0.0)
+    num_samples = num_samples if num_samples is not None else (defaults.get("num_samples") or 1)
+    T = bundle.model.schedule.timesteps
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if steps is not None and sampler != "ddpm" and not 1 <= int(steps) <= T:
+        raise ValueError(f"--steps {steps}: expected 1..{T} (the bundle's diffusion.timesteps)")
+    if num_samples < 1:
+        raise ValueError(f"--samples {num_samples}: expected at least 1")
+    return sampler, steps, float(eta), int(num_samples)
+
+
+def iter_predictions(bundle: Bundle, paths: Sequence[str], sampler: str | None = None, steps: int | None = None,
+                     eta: float | None = None, num_samples: int | None = None, batch_size: int = 32,
+                     device: str | None = None, seed: int = 0) -> Iterator[dict | Failure]:
+    """One CSV-ready row (or a Failure) per path, in order within each batch; failures come before their batch."""
+    sampler, steps, eta, num_samples = resolve_settings(bundle, sampler, steps, eta, num_samples)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected at least 1")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    pre, names = bundle.meta["preprocessing"], bundle.class_names
+    transform = eval_transform(pre["image_size"], pre["mean"], pre["std"])
+    model = bundle.model.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, len(paths), batch_size):
+        tensors, ok = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                tensors.append(transform(load_image(path)))
+                ok.append(path)
+            except DataError as e:
+                yield Failure(path, str(e))
+        if not tensors:
+            continue
+        pred = model.predict(torch.stack(tensors).to(device), sampler, steps, eta, num_samples, generator)
+        probs, entropy, spread = (t.float().cpu().tolist() for t in (pred.probs, pred.entropy, pred.sample_std))
+        for i, path in enumerate(ok):
+            best = max(range(len(names)), key=probs[i].__getitem__)
+            yield {"path": path, "predicted": names[best], "confidence": probs[i][best], "entropy": entropy[i],
+                   "sample_std": spread[i], **{f"prob_{c}": p for c, p in zip(names, probs[i])}}
+
+
+def predict_paths(bundle: Bundle, paths: Sequence[str], sampler: str | None = None, steps: int | None = None,
+                  eta: float | None = None, num_samples: int | None = None, batch_size: int = 32,
+                  device: str | None = None, seed: int = 0) -> tuple[list[dict], list[Failure]]:
+    """(rows, failures) for the given image files; None settings take the bundle's sampler defaults."""
+    rows: list[dict] = []
+    failures: list[Failure] = []
+    for item in iter_predictions(bundle, paths, sampler, steps, eta, num_samples, batch_size, device, seed):
+        (failures if isinstance(item, Failure) else rows).append(item)
+    return rows, failures
+
+
+def format_row(row: dict, class_names: Sequence[str], num_samples: int) -> str:
+    spread = f"  std {row['sample_std']:.4f}" if num_samples > 1 else ""
+    probs = " ".join(f"{c}={row[f'prob_{c}']:.4f}" for c in class_names)
+    head = f"{row['path']}  {row['predicted']}  p={row['confidence']:.4f}"
+    return f"{head}  entropy {row['entropy']:.4f}{spread}  [{probs}]"
+
+
+def write_csv(path: str, rows: list[dict], class_names: Sequence[str]) -> None:
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*FIXED_COLUMNS, *(f"prob_{c}" for c in class_names)])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[1])
+    p.add_argument("model", metavar="MODEL_URI", help="bundle directory (or a run directory with model/), or s3://…")
+    p.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or directories to walk")
+    p.add_argument("--output", metavar="CSV", help="also write the predictions to this CSV file")
+    p.add_argument("--samples", type=int, help="sampled chains per image, S (default: the bundle's num_samples)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="reverse sampler (default: the bundle's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the bundle's sample_steps)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: the bundle's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows: list[dict] = []
+    failures = 0
+    with one_line_errors(PROGRAM):
+        paths = find_images(args.images)
+        bundle = open_bundle(args.model)
+        names = bundle.class_names
+        sampler, steps, eta, samples = resolve_settings(bundle, args.sampler, args.steps, args.eta, args.samples)
+        for item in iter_predictions(bundle, paths, sampler, steps, eta, samples, args.batch_size, args.device,
+                                     args.seed):
+            if isinstance(item, Failure):
+                failures += 1
+                reason = item.error if item.path in item.error else f"{item.path}: {item.error}"
+                print(f"{PROGRAM}: skipped: {reason}", file=sys.stderr, flush=True)
+            else:
+                rows.append(item)
+                print(format_row(item, names, samples), flush=True)
+        if args.output:
+            write_csv(args.output, rows, names)
+    if failures:
+        print(f"{PROGRAM}: {failures} of {len(paths)} images could not be read", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
