@@ -233,11 +233,15 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
         core.load_state_dict(best_weights)
     elif ema is not None:
         ema.copy_to(core)
-    test = evaluate(core, data.test, cfg, session, generator_seed=seed)
+    test: dict = {}
+    if t.get("test_at_end", True):  # a search trial never looks at test; its best model is tested once, later
+        test = evaluate(core, data.test, cfg, session, generator_seed=seed)
     result = RunResult(val=best["metrics"], test=test, history=history, best_epoch=best["epoch"])
     session.finish(result, core, cfg, data.class_names)
-    session.log(f"best val {select} {best['value']:.3f} at epoch {best['epoch']}; test acc {test['accuracy']:.3f} "
-                f"f1 {test['macro_f1']:.3f} (DCG {test['dcg_accuracy']:.3f})")
+    summary = f"best val {select} {best['value']:.3f} at epoch {best['epoch']}"
+    if test:
+        summary += f"; test acc {test['accuracy']:.3f} f1 {test['macro_f1']:.3f} (DCG {test['dcg_accuracy']:.3f})"
+    session.log(summary)
     return result
 
 

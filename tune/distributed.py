@@ -89,7 +89,10 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 
 def runtime_env() -> dict:
-    return {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # Train V2 gives up on a worker group after 60 s; an autoscaling cluster may need minutes to add a node.
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+    return {"env_vars": env}
 
 
 def init_ray(cfg: dict) -> None:

@@ -15,6 +15,9 @@ from tune.space import Param, apply, tune_space
 from tune.storage import Storage, open_storage
 
 
+TRIAL_CPU = 0.01  # what a trial itself holds: it only waits on its Ray Train run (0 is refused)
+
+
 @dataclass
 class DatasetSearch:
     dataset: str
@@ -87,7 +90,8 @@ def max_concurrent(cfg: dict) -> int:
     fits = []
     for resource, amount in per_worker.items():
         if amount:
-            fits.append(int(total.get(resource, 0) // (amount * workers)))
+            need = amount * workers + (TRIAL_CPU if resource == "CPU" else 0)
+            fits.append(int(total.get(resource, 0) // need))
     if scaling.get("use_gpu") and "GPU" not in per_worker:
         fits.append(int(total.get("GPU", 0) // workers))
     return max(1, min(fits) if fits else 1)
@@ -98,8 +102,7 @@ def progress_reporter(search: DatasetSearch):
     columns = {metric: metric.replace("val_", "val "), "val_accuracy": "val acc", "val_dcg_accuracy": "DCG acc",
                "train_loss": "loss", "epoch": "epoch"}
     return tune.CLIReporter(metric_columns=columns, parameter_columns={p.key: p.name for p in search.params},
-                            max_report_frequency=30, sort_by_metric=True, metric=metric,
-                            mode=search.cfg["search"]["mode"])
+                            max_report_frequency=30, sort_by_metric=True)
 
 
 def run_search(search: DatasetSearch) -> tune.ResultGrid:
@@ -111,7 +114,7 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
     exp_path = f"{path}/{search.dataset}"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_cfg=search.cfg, checkpoints_uri=search.storage.join(search.checkpoints_rel)),
-        {"CPU": 0.01},  # the trial itself only waits on its Ray Train run; 0 is refused
+        {"CPU": TRIAL_CPU},
     )
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         print(f"[search] {search.dataset}: resuming {search.storage.join(search.rel)}", flush=True)

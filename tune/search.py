@@ -148,10 +148,10 @@ def search(cfg: dict, overrides: list[str]) -> None:
     if cfg.get("report", True):
         from tune.report import write_report
         write_report(storage, exp)
-    print_tables(summary, best, storage, exp)
+    print_tables(summary, best, storage, exp, cfg.get("report", True))
 
 
-def print_tables(summary, best, storage, exp: str) -> None:
+def print_tables(summary, best, storage, exp: str, report: bool) -> None:
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
@@ -163,7 +163,8 @@ def print_tables(summary, best, storage, exp: str) -> None:
                     ("val_macro_f1", "val_accuracy", "test_macro_f1", "test_accuracy", "test_balanced_accuracy",
                      "test_kappa", "test_auc", "test_dcg_accuracy")]
             print(f"\n== best model per dataset (chosen on validation, tested once) ==\n{best[keep].T.to_string(header=False)}")
-    print(f"\nresults: {storage.join(exp)}/{{summary,best}}.csv" + (f", report: {storage.join(exp, 'report.html')}"), flush=True)
+    where = f"\nresults: {storage.join(exp)}/{{summary,best}}.csv"
+    print(where + (f", report: {storage.join(exp, 'report.html')}" if report else ""), flush=True)
 
 
 def main() -> None:
