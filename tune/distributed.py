@@ -146,10 +146,11 @@ def fit(cfg: dict) -> dict:
 
 
 def localize_dataset(cfg: dict) -> dict:
-    """A dataset under s3:// is downloaded once per node into a local cache; the config then points there."""
-    root = cfg["dataset"].get("root")
+    """A dataset under s3:// is downloaded once per node into a local cache; the config then points there and
+    keeps the URI as `origin_root`, so a checkpoint's config still names data every node can reach."""
+    root = cfg["dataset"].get("origin_root") or cfg["dataset"].get("root")
     if not (isinstance(root, str) and root.startswith("s3://")):
         return cfg
     from tune.storage import materialize
     cache = Path(os.environ.get("DIFFMIC_CACHE", Path.home() / ".cache" / "diffmic")) / "datasets"
-    return {**cfg, "dataset": {**cfg["dataset"], "root": str(materialize(root, cache))}}
+    return {**cfg, "dataset": {**cfg["dataset"], "root": str(materialize(root, cache)), "origin_root": root}}

@@ -7,11 +7,14 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import ray
+
+from typing import TYPE_CHECKING
 
 from diffmic.checkpoint import to_jsonable
-from tune.runner import DatasetSearch
 from tune.storage import open_storage
+
+if TYPE_CHECKING:
+    from tune.runner import DatasetSearch
 
 CHECKPOINT_KEY = "checkpoint_path"
 
@@ -61,10 +64,10 @@ def best_trial(summary: pd.DataFrame, metric: str, mode: str) -> pd.Series | Non
     return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
 
 
-def _test_and_export(cfg: dict, checkpoint_path: str, storage_uri: str, export_rel: str | None,
-                     provenance: dict) -> dict:
-    """Runs where a trial's worker would (GPU if the trials use one): test metrics of the checkpoint's
-    evaluation weights, and the bundle exported from those same weights."""
+def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dict) -> dict:
+    """Test metrics of a checkpoint's evaluation weights (EMA / best validation), and optionally the bundle
+    exported from those same weights to `export_uri` (a directory or s3:// prefix). The config is the checkpoint's own: the
+    exact config that trained it. Needs no Ray: `test_best` runs it as a task, `diffmic.export` runs it here."""
     import diffmic  # noqa: F401
     from diffmic.bundle import write_bundle
     from diffmic.checkpoint import load_state
@@ -74,13 +77,12 @@ def _test_and_export(cfg: dict, checkpoint_path: str, storage_uri: str, export_r
     from diffmic.session import Session
     from tune.distributed import localize_dataset
 
-    storage = open_storage(storage_uri, check=False)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "checkpoint"
-        storage.download_dir(storage.relative(checkpoint_path), local)
-        state = load_state(local)
-    cfg = localize_dataset(cfg)
-    data = build_splits(cfg["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
+        state = load_state(open_storage(checkpoint_uri, check=False).download_dir("", Path(tmp) / "checkpoint"))
+    cfg = state["config"]
+    if cfg["dataset"].get("origin_root"):  # the worker's local cache path may not exist here
+        cfg = {**cfg, "dataset": {**cfg["dataset"], "root": cfg["dataset"]["origin_root"]}}
+    data = build_splits(localize_dataset(cfg)["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
     model = build_model(cfg, data.num_classes, cfg["dataset"]["image_size"])
     model.load_state_dict(state["model"])
     if state.get("best_weights"):
@@ -91,29 +93,27 @@ def _test_and_export(cfg: dict, checkpoint_path: str, storage_uri: str, export_r
     model = model.to(session.device)
     test = evaluate(model, data.test, cfg, session, generator_seed=cfg.get("seed", 0))
     val = state["best"]["metrics"] if state.get("best") else {}
-    if export_rel is not None:
+    if export_uri is not None:
         with tempfile.TemporaryDirectory() as tmp:
             bundle = write_bundle(Path(tmp) / "bundle", model.cpu(), cfg, data.class_names,
                                   to_jsonable({"val": val, "test": test}), provenance)
-            storage.upload_dir(bundle, export_rel)
+            open_storage(export_uri, check=False).upload_dir(bundle, "")
     return {"test": to_jsonable(test), "class_names": data.class_names}
 
 
 def test_best(search: DatasetSearch, best: pd.Series, export: bool) -> dict:
     """Evaluate the best trial's best checkpoint on the test split, once, and export it."""
-    from tune.space import apply
-
     params = {p.key: best[p.key] for p in search.params}
-    cfg = apply(search.cfg, {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()})
-    scaling = cfg["scaling"]
+    scaling = search.cfg["scaling"]
     resources = dict(scaling.get("resources_per_worker") or {})
     num_gpus = resources.pop("GPU", 1) if scaling.get("use_gpu") else 0
     num_cpus = resources.pop("CPU", 1)
     provenance = {"experiment": search.experiment, "dataset": search.dataset, "trial_id": best["trial_id"],
                   "params": to_jsonable(params), "checkpoint": search.storage.uri_of(best["checkpoint_path"]),
                   "selected_on": search.cfg["search"]["metric"]}
-    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(_test_and_export)
-    export_rel = f"best/{search.dataset}" if export else None
-    out = ray.get(task.remote(cfg, best["checkpoint_path"], search.storage.uri, export_rel, provenance))
-    return {**out, "bundle_uri": search.storage.join(export_rel) if export else None,
+    import ray
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(test_and_export)
+    export_uri = search.storage.join("best", search.dataset) if export else None
+    out = ray.get(task.remote(provenance["checkpoint"], export_uri, provenance))
+    return {**out, "bundle_uri": export_uri,
             "checkpoint_uri": provenance["checkpoint"]}
