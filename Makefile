@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 search: install
-	$(PY) -m diffmic.train
+	$(PY) tune/search.py
 
 test: install
 	$(PY) -m pytest
