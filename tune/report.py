@@ -63,7 +63,8 @@ class Results:
 
     @property
     def datasets(self) -> list[str]:
-        return list(dict.fromkeys(str(d) for d in [*self.meta.get("datasets", []), *self.summary["dataset"], *self.best]))
+        seen = [*self.meta.get("datasets", []), *self.summary["dataset"], *self.best]
+        return list(dict.fromkeys(str(d) for d in seen))
 
 
 # ---------------------------------------------------------------- reading
@@ -101,7 +102,8 @@ def load(storage: Storage, experiment: str) -> Results:
     if "trial_id" in history:
         history["trial_id"] = history["trial_id"].astype(str)
     if not best:  # no best.json: the best table has all but the confusion matrix and the class names
-        best = {str(r["dataset"]): best_from_row(r) for r in read_table(storage, f"{experiment}/best").to_dict("records")}
+        rows = read_table(storage, f"{experiment}/best").to_dict("records")
+        best = {str(r["dataset"]): best_from_row(r) for r in rows}
     space = [(s["key"], s.get("kind", "choice"), list(s.get("values", []))) for s in meta.get("space", {}).values()]
     if not space:  # no search.json: every column that is neither a metric nor bookkeeping was searched
         space = [(c, "uniform" if is_numeric(summary[c]) else "choice", []) for c in summary
@@ -155,9 +157,10 @@ def plot(fig: go.Figure, height: int = 360) -> str:
 
 def by_status(trials: pd.DataFrame, trace, **kw) -> list:
     """One trace per status present (colour = status, named in the legend); kw values that are Series are masked."""
-    return [trace(name=s, legendgroup=s, marker_color=c, **{k: v[m] if isinstance(v, pd.Series) else v
-                                                              for k, v in kw.items()})
-            for s, c in STATUS_COLOURS.items() if (m := trials["status"] == s).any()]
+    statuses = dict.fromkeys([*STATUS_COLOURS, *trials["status"]])  # a status of some other writer: grey
+    return [trace(name=s, legendgroup=s, marker_color=STATUS_COLOURS.get(s, "#6c757d"),
+                  **{k: v[m] if isinstance(v, pd.Series) else v for k, v in kw.items()})
+            for s in statuses if (m := trials["status"] == s).any()]
 
 
 # ---------------------------------------------------------------- sections
@@ -250,7 +253,7 @@ def parallel_section(res: Results, dataset: str) -> str:
             dims.append(dict(label=key, values=col.astype(str).map(order.index), tickvals=list(range(len(order))),
                              ticktext=order))
         elif kind == "loguniform":  # parcoords has no log axis
-            dims.append(dict(label=f"log10 {key}", values=col.astype(float).map(math.log10)))
+            dims.append(dict(label=f"log10 {key}", values=np.log10(col.astype(float).where(col > 0))))
         else:
             dims.append(dict(label=key, values=col))
     dims.append(dict(label=res.metric, values=trials[res.metric]))
@@ -309,7 +312,10 @@ def importance_section(res: Results, dataset: str) -> str:
     keys = list(importances)[::-1]  # plotly draws the first bar at the bottom
     fig = go.Figure(go.Bar(x=[importances[k] for k in keys], y=keys, orientation="h", marker_color="#457b9d"))
     fig.update_layout(xaxis_title=f"importance (share of the objective's variance, {n} completed trials)")
-    return title + plot(fig, 120 + 40 * len(keys))
+    where = res.storage.join(rel)
+    hint = (f"optuna-dashboard sqlite:///{where}" if not res.storage.is_s3 else
+            f"optuna-dashboard sqlite:///{dataset}.db after downloading {where}")
+    return title + plot(fig, 120 + 40 * len(keys)) + note(f"To explore the study interactively: {hint}")
 
 
 def optuna_importances(res: Results, dataset: str, rel: str) -> tuple[dict | None, int]:
@@ -351,8 +357,8 @@ def asha_section(res: Results, dataset: str) -> str:
 
 def trial_table(res: Results) -> str:
     s, metric = res.summary, res.metric
-    cols = ["dataset", "trial_id", "status", *[p[0] for p in res.params], metric,
-            *[c for c in s if c.startswith("val_")], "best_epoch", "epochs_run", "wall_time_s", "cpu_hours", "gpu_hours"]
+    cols = ["dataset", "trial_id", "status", *[p[0] for p in res.params], metric, *[c for c in s if c[:4] == "val_"],
+            "best_epoch", "epochs_run", "wall_time_s", "cpu_hours", "gpu_hours"]
     cols = [c for c in dict.fromkeys(cols) if c in s]
     best_ids = {(d, str(b.get("trial_id"))) for d, b in res.best.items()}
     by = ["dataset", metric] if metric in s else ["dataset"]
@@ -366,7 +372,7 @@ def trial_table(res: Results) -> str:
                          f'{" class=s-" + esc(v) if c == "status" else ""}>{esc(shown)}</td>')
         best = " class=best" if (str(row["dataset"]), row["trial_id"]) in best_ids else ""
         body.append(f"<tr{best}>{''.join(cells)}</tr>")
-    head = "".join(f"<th title='click to sort'>{esc(c)}</th>" for c in cols)
+    head = "".join(f"<th title='click to sort'{'' if is_numeric(s[c]) else ' data-t=text'}>{esc(c)}</th>" for c in cols)
     return (f"<section id=trials><h2>All trials ({len(s)})</h2><p class=note>Click a column header to sort; the best "
             "trial of each dataset is highlighted. Metrics are at each trial's best epoch.</p><div class=scroll>"
             f"<table class=sortable id=trial-table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
@@ -385,12 +391,13 @@ table.sortable th[data-dir=asc]::after{content:" \\25B2"}table.sortable th[data-
 table.sortable td{font-variant-numeric:tabular-nums;white-space:nowrap}tr.best td{background:#fff7d6}
 .s-COMPLETED{color:#2a9d8f}.s-STOPPED_EARLY{color:#d9822b}.s-ERROR{color:#e63946}.s-NO_RESULT{color:#8d99ae}"""
 
-# Sort on click: numbers numerically, text as text; empty cells stay last in both directions.
+# Sort on click: numeric columns by value, text columns (data-t=text: trial ids like "1e5a0b3c") as text; empty cells
+# stay last in both directions.
 SORT_JS = """document.querySelectorAll('table.sortable').forEach(function(table){
  table.querySelectorAll('th').forEach(function(th,i){th.addEventListener('click',function(){
-  var asc=th.dataset.dir!=='asc', body=table.tBodies[0];
+  var asc=th.dataset.dir!=='asc', text=th.dataset.t==='text', body=table.tBodies[0];
   table.querySelectorAll('th').forEach(function(h){delete h.dataset.dir;}); th.dataset.dir=asc?'asc':'desc';
-  function key(r){var v=r.cells[i].dataset.v; return v===''?null:(isNaN(Number(v))?v:Number(v));}
+  function key(r){var v=r.cells[i].dataset.v; return v===''?null:(text||isNaN(Number(v))?v:Number(v));}
   Array.from(body.rows).sort(function(a,b){var x=key(a),y=key(b);
    if(x===null||y===null) return (x===null)-(y===null);
    var c=(typeof x===typeof y)?(x<y?-1:x>y?1:0):(typeof x==='number'?-1:1); return asc?c:-c;
@@ -478,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("experiment_uri", help="<storage root>/<experiment>: a local path or s3://bucket/prefix/experiment")
     ap.add_argument("--output", help="write the page to this local file instead of <experiment>/report.html")
     ap.add_argument("--serve", action="store_true", help="then serve the page on 127.0.0.1 until Ctrl-C")
-    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"for --serve (default {DEFAULT_PORT}; 0: a free one)")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"for --serve (default {DEFAULT_PORT}; 0: any free)")
     args = ap.parse_args(argv)
     try:
         root, experiment = split_uri(args.experiment_uri)

@@ -1,0 +1,353 @@
+"""tune/report.py: the results page, built from a generated experiment (fast) and checked in headless Chromium.
+
+REPORT_EXPERIMENT_URI=<storage root>/<experiment> points the browser test at a real search's results instead.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tune.report import build_report, split_uri, write_report
+from tune.storage import open_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece", "dcg_accuracy", "mean_entropy")
+SPACE = {"timesteps": ("diffusion.timesteps", "choice", [100, 250, 500, 1000]),
+         "schedule": ("diffusion.schedule", "choice", ["linear", "cosine"]),
+         "mmd_weight": ("train.mmd_weight", "uniform", [0.0, 1.0]),
+         "roi_count": ("model.dcg.roi_count", "choice", [2, 4, 6]),
+         "sample_steps": ("diffusion.sample_steps", "choice", [5, 10, 20])}
+KEYS = [key for key, _, _ in SPACE.values()]
+EPOCHS, EPOCH_S = 4, 30.0
+SECRET = "report-test-secret-marker-7c1f"
+
+
+# ---------------------------------------------------------------- a fake search's outputs, as tune/search.py writes
+def write_table(storage, rel: str, frame: pd.DataFrame) -> None:
+    storage.write_text(f"{rel}.csv", frame.to_csv(index=False))
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    storage.write_bytes(f"{rel}.parquet", buffer.getvalue())
+
+
+def fake_trial(ds: str, i: int, n: int, rng, error: bool) -> tuple[dict, list[dict]]:
+    """(summary row, history rows); every third trial is stopped by ASHA after 2 epochs."""
+    tid = {3: "4e000003", 4: "10000004"}.get(i, f"{ds[:3]}_{i:05d}")  # hex ids like Ray's: text, not numbers
+    row = {"dataset": ds, "trial_id": tid,
+           **{k: values[i % len(values)] if kind == "choice" else float(rng.uniform(*values))
+              for k, kind, values in SPACE.values()}}
+    if error:
+        return {**row, "status": "ERROR", "epochs_run": 0, "stopped_early": False}, []
+    epochs = EPOCHS if i % 3 else 2
+    curve = {m: np.clip(0.4 + 0.1 * i / n + 0.08 * np.arange(1, epochs + 1) + rng.normal(0, .02, epochs), 0, 1)
+             for m in METRICS}
+    history = [{"dataset": ds, "trial_id": row["trial_id"], "epoch": e + 1, "time_total_s": EPOCH_S * (e + 1),
+                "train_loss": 1 / (e + 1), "train_mse": .5 / (e + 1), "train_mmd": .1, "train_dcg_ce": .3,
+                "train_samples_per_s": 200.0, "train_epoch_time_s": 25.0,
+                **{f"val_{m}": float(v[e]) for m, v in curve.items()}} for e in range(epochs)]
+    b = int(np.argmax(curve["macro_f1"]))
+    hours = EPOCH_S * epochs / 3600
+    return {**row, **{f"val_{m}": float(v[b]) for m, v in curve.items()}, "best_epoch": b + 1, "epochs_run": epochs,
+            "checkpoint_path": f"/runs/{ds}/checkpoints/{row['trial_id']}", "wall_time_s": EPOCH_S * epochs,
+            "cpu_hours": hours, "gpu_hours": hours, "stopped_early": epochs < EPOCHS,
+            "status": "STOPPED_EARLY" if epochs < EPOCHS else "COMPLETED"}, history
+
+
+def fake_best(root: Path, ds: str, top: pd.Series) -> tuple[dict, dict]:
+    """(best.json entry, best table row) for the dataset's top trial."""
+    test = {m: float(top[f"val_{m}"]) - 0.02 for m in METRICS}
+    uris = {"checkpoint_uri": top["checkpoint_path"], "bundle_uri": f"{root}/best/{ds}"}
+    entry = {"trial_id": top["trial_id"], "params": {k: top[k] for k in KEYS},
+             "val": {m: top[f"val_{m}"] for m in METRICS}, "class_names": ["benign", "malignant", "other"],
+             "test": {**test, "per_class_recall": [0.8, 0.7, 0.8],
+                      "confusion_matrix": [[8, 1, 1], [2, 7, 1], [0, 2, 8]]}, **uris}
+    row = {"dataset": ds, "trial_id": top["trial_id"], **{k: top[k] for k in KEYS},
+           **{f"val_{m}": top[f"val_{m}"] for m in METRICS}, **{f"test_{m}": v for m, v in test.items()}, **uris}
+    return entry, row
+
+
+def make_optuna_study(path: Path, name: str, trials: pd.DataFrame) -> None:
+    """A real study as Ray's OptunaSearch leaves it: one param per config key, the metric as the value."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{path}", direction="maximize")
+    dists = {k: FloatDistribution(*values) if kind == "uniform" else CategoricalDistribution(values)
+             for k, kind, values in SPACE.values()}
+    for _, t in trials.iterrows():
+        params = {k: t[k].item() if hasattr(t[k], "item") else t[k] for k in dists}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(t["val_macro_f1"])))
+
+
+def make_experiment(root: Path, name: str = "exp1", datasets=("synthetic", "isic"), trials: int = 6,
+                    optuna_for=("synthetic",), best_for=("synthetic", "isic"), all_error=()) -> int:
+    """A fake search under root/name (the last dataset's last trial errored); returns the number of trials."""
+    storage, rng = open_storage(str(root)), np.random.default_rng(0)
+    summary, history, best_rows, best_json = [], [], [], {}
+    for ds in datasets:
+        rows = []
+        for i in range(trials):
+            failed = ds in all_error or (ds == datasets[-1] and i == trials - 1)
+            row, hist = fake_trial(ds, i, trials, rng, error=failed)
+            rows.append(row)
+            history += hist
+        frame = pd.DataFrame(rows)
+        summary.append(frame)
+        ok = frame[frame["status"] != "ERROR"]
+        if ds in optuna_for and len(ok):
+            make_optuna_study(root / name / "optuna" / f"{ds}.db", f"{name}-{ds}", ok)
+        if ds in best_for and len(ok):
+            best_json[ds], row = fake_best(root, ds, ok.loc[ok["val_macro_f1"].idxmax()])
+            best_rows.append(row)
+    write_table(storage, f"{name}/summary", pd.concat(summary, ignore_index=True))
+    write_table(storage, f"{name}/history", pd.DataFrame(history))
+    write_table(storage, f"{name}/best", pd.DataFrame(best_rows))
+    storage.write_text(f"{name}/best.json", json.dumps(best_json, default=lambda v: v.item()))
+    meta = {"experiment": name, "datasets": list(datasets), "metric": "val_macro_f1", "mode": "max",
+            "num_samples": trials, "scheduler": "asha", "sampler": "tpe", "epochs_per_trial": EPOCHS,
+            "space": {n: {"key": k, "kind": kind, "values": v} for n, (k, kind, v) in SPACE.items()},
+            "started": 1.7e9, "wall_time_s": 5432.1}
+    storage.write_text(f"{name}/search.json", json.dumps(meta))
+    return sum(len(s) for s in summary)
+
+
+def table_rows(page: str) -> int:
+    table = re.search(r"<table class=sortable id=trial-table>.*?</table>", page, re.S).group(0)
+    return table.count("<tr") - 1  # less the header row
+
+
+@pytest.fixture
+def experiment(tmp_path) -> tuple[Path, str, int]:
+    return tmp_path, "exp1", make_experiment(tmp_path, "exp1")
+
+
+# ---------------------------------------------------------------- the page's content
+def test_report_is_self_contained_and_complete(experiment, monkeypatch):
+    root, name, n = experiment
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://keyid:endpoint-pass-9d2e@127.0.0.1:1")
+    uri = write_report(open_storage(str(root)), name)
+    assert uri == str(root / name / "report.html")
+    page = Path(uri).read_text()
+    assert page.count("plotly.js v") == 1 and page.count('<script type="text/javascript">/**') == 1  # inline, once
+    assert not re.search(r"<script[^>]+src=\"https?://", page)
+    assert table_rows(page) == n == 12
+    assert 'id="ds-synthetic"' in page and 'id="ds-isic"' in page
+    assert SECRET not in page and "endpoint-pass-9d2e" not in page
+    assert "Test confusion matrix" in page and "malignant" in page
+    assert "ASHA stopped 2 of 6 trials" in page  # trials 0 and 3 of each dataset, each 2 epochs × 30 s short:
+    assert "0.0333 trial-hours" in page and "16.7% of what the search would have used" in page  # 120 / (600 + 120)
+    assert page.count('class="plotly-graph-div"') == 2 * 7 - 1  # 7 plots a dataset; isic has no Optuna study
+    assert "No Optuna study stored at exp1/optuna/isic.db" in page
+    assert "Parameter importances" in page and "6 completed trials" in page
+
+
+def test_secret_in_the_data_is_redacted(experiment, monkeypatch):
+    root, name, _ = experiment
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    best = json.loads((root / name / "best.json").read_text())
+    best["synthetic"]["bundle_uri"] = f"s3://bucket/p?token={SECRET}"
+    best["synthetic"]["checkpoint_uri"] = "http://user:hunter2pass@host/x"
+    (root / name / "best.json").write_text(json.dumps(best))
+    page = build_report(str(root), name)
+    assert SECRET not in page and "hunter2pass" not in page and "token=***" in page
+
+
+def test_missing_pieces_are_said_not_fatal(tmp_path):
+    n = make_experiment(tmp_path, "e2", datasets=("synthetic", "broken"), optuna_for=(), best_for=("synthetic",),
+                        all_error=("broken",))
+    page = build_report(str(tmp_path), "e2")
+    assert table_rows(page) == n
+    assert "No best trial for broken" in page and "Every trial of this dataset failed" in page
+    assert "No Optuna study stored" in page and "No per-epoch history" in page
+    st = open_storage(str(tmp_path))  # an all-error search: a summary, nothing else
+    write_table(st, "e3/summary", pd.DataFrame([{"dataset": "synthetic", "trial_id": "t1", "diffusion.timesteps": 100,
+                                                 "status": "ERROR", "epochs_run": 0, "stopped_early": False}]))
+    page = build_report(st, "e3")
+    assert table_rows(page) == 1 and "No best trial for synthetic" in page
+    with pytest.raises(FileNotFoundError, match="no search results"):
+        build_report(st, "nothing-here")
+
+
+def test_best_table_stands_in_for_best_json(tmp_path):
+    make_experiment(tmp_path, "e5", datasets=("synthetic",))
+    (tmp_path / "e5" / "best.json").unlink()
+    page = build_report(str(tmp_path), "e5")
+    best = pd.read_parquet(tmp_path / "e5" / "best.parquet").iloc[0]
+    assert f"Trial <b>{best['trial_id']}</b>" in page and "No test confusion matrix" in page
+
+
+def test_sample_steps_not_searched_says_so(tmp_path):
+    make_experiment(tmp_path, "e4", datasets=("synthetic",))
+    meta = json.loads((tmp_path / "e4" / "search.json").read_text())
+    del meta["space"]["sample_steps"]
+    (tmp_path / "e4" / "search.json").write_text(json.dumps(meta))
+    assert "diffusion.sample_steps was not searched" in build_report(str(tmp_path), "e4")
+
+
+def test_split_uri(tmp_path):
+    assert split_uri("s3://bucket/prefix/exp/") == ("s3://bucket/prefix", "exp")
+    assert split_uri("s3://bucket/exp") == ("s3://bucket", "exp")
+    (tmp_path / "e").mkdir()
+    assert split_uri(str(tmp_path / "e")) == (str(tmp_path), "e")
+    with pytest.raises(FileNotFoundError):
+        split_uri(str(tmp_path / "missing"))
+    with pytest.raises(ValueError):
+        split_uri("s3://bucket")
+
+
+# ---------------------------------------------------------------- command line and storage
+def test_cli_serve(experiment):
+    """`--serve` on a free port: the URL is printed, the page is served, Ctrl-C stops it."""
+    root, name, _ = experiment
+    out = root / "copy.html"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tune" / "report.py"), str(root / name), "--serve",
+                             "--port", "0", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        url, deadline = None, time.time() + 120
+        while url is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                pytest.fail(f"report.py exited {proc.returncode} before serving")
+            m = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
+            url = m.group(1) if m else None
+        assert url, "no 'serving http://127.0.0.1:PORT/' line"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            body = r.read().decode()
+        assert r.status == 200 and body == out.read_text() and "plotly.js v" in body
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert not (root / name / "report.html").exists()  # --output wrote the page there instead
+
+
+def test_cli_bad_uri(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tune" / "report.py"), str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "report: error: no experiment directory" in r.stderr
+
+
+@pytest.mark.integration
+def test_report_on_s3(tmp_path, s3_bucket):
+    make_experiment(tmp_path / "local", "exp1")
+    st = open_storage(f"s3://{s3_bucket}/runs")
+    st.upload_dir(tmp_path / "local" / "exp1", "exp1")
+    assert write_report(st, "exp1") == f"s3://{s3_bucket}/runs/exp1/report.html"
+    page = st.read_text("exp1/report.html")
+    assert table_rows(page) == 12 and "6 completed trials" in page  # the Optuna study came through S3 too
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in page
+    r = subprocess.run([sys.executable, str(ROOT / "tune" / "report.py"), f"s3://{s3_bucket}/runs/exp1", "--output",
+                        str(tmp_path / "r.html")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert table_rows((tmp_path / "r.html").read_text()) == 12
+
+
+# ---------------------------------------------------------------- in a real browser
+def chromium() -> tuple[str, str]:
+    """Paths of chromium and chromedriver, installing Debian's packages when root with apt-get."""
+    def found():
+        return shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if all(found()):
+        return found()
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("headless Chromium is not installed and cannot be here: installing it needs root and apt-get "
+                    "(apt-get install chromium chromium-driver)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        if r.returncode:
+            pytest.skip(f"could not install Chromium ({' '.join(cmd)} exited {r.returncode}): {r.stderr[-300:]}")
+    if not all(found()):
+        pytest.skip("apt-get installed chromium but no chromium/chromedriver binary is on PATH")
+    return found()
+
+
+def the_page(tmp_path: Path) -> tuple[str, int, str]:
+    """(page, trial count, metric): a real search's (REPORT_EXPERIMENT_URI) or a generated one."""
+    if os.environ.get("REPORT_EXPERIMENT_URI"):
+        root, name = split_uri(os.environ["REPORT_EXPERIMENT_URI"])
+        st = open_storage(root, check=False)
+        summary = pd.read_parquet(io.BytesIO(st.read_bytes(f"{name}/summary.parquet")))
+        metric = json.loads(st.read_text(f"{name}/search.json")).get("metric", "val_macro_f1")
+        return build_report(st, name), len(summary), metric
+    n = make_experiment(tmp_path / "root", "exp1")
+    return build_report(str(tmp_path / "root"), "exp1"), n, "val_macro_f1"
+
+
+@pytest.mark.integration
+def test_page_renders_in_headless_chromium(tmp_path):
+    pytest.importorskip("selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = chromium()
+    page, n, metric = the_page(tmp_path)
+    path = tmp_path / "report.html"
+    path.write_text(page, encoding="utf-8")
+    plots = page.count('class="plotly-graph-div"')
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,1000", "--enable-unsafe-swiftshader"):  # software WebGL: parallel coordinates
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)  # an explicit driver: nothing downloaded
+    try:
+        driver.get(path.as_uri())
+        rendered = ("return Array.from(document.querySelectorAll('.plotly-graph-div'))"
+                    ".filter(d => d.classList.contains('js-plotly-plot') && d.querySelector('.main-svg')).length")
+        WebDriverWait(driver, 120).until(lambda d: d.execute_script(rendered) >= plots)
+        assert plots >= 1 and driver.execute_script(rendered) == plots
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")) >= plots
+        if '"type":"parcoords"' in page:
+            assert driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot canvas")
+
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#trial-table tbody tr")) == n
+        headers = driver.find_elements(By.CSS_SELECTOR, "#trial-table th")
+        names = [h.text.strip(" ▲▼") for h in headers]
+
+        def column(i: int) -> list:
+            return driver.execute_script("return Array.from(document.querySelectorAll('#trial-table tbody tr'))"
+                                         f".map(r => r.cells[{i}].dataset.v).filter(v => v !== '')")
+        if metric in names:
+            i = names.index(metric)
+            headers[i].click()
+            values = [float(v) for v in column(i)]
+            assert values == sorted(values) and headers[i].get_attribute("data-dir") == "asc"
+            headers[i].click()
+            assert [float(v) for v in column(i)] == sorted(values, reverse=True)
+        headers[names.index("trial_id")].click()
+        assert column(names.index("trial_id")) == sorted(column(names.index("trial_id")))
+
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.save_screenshot(str(tmp_path / "report-top.png"))
+        driver.set_window_size(1400, min(driver.execute_script("return document.body.scrollHeight") + 100, 16000))
+        time.sleep(1)  # responsive plots re-layout to the new size
+        driver.save_screenshot(str(tmp_path / "report-full.png"))
+        assert (tmp_path / "report-top.png").stat().st_size > 10_000
+    finally:
+        driver.quit()
