@@ -66,3 +66,12 @@ def validate_config(cfg: dict) -> None:
     c("model.dcg.fusion_weight", lambda v: 0 <= v <= 1, "a value in [0, 1]")
     c("model.dcg.top_t", lambda v: 0 < v <= 1, "a fraction in (0, 1]")
     c("model.denoiser.feature_dim", lambda v: _int(v) and v >= 1, "an integer >= 1")
+    # The CAM grid of a timm CNN is image_size / output_stride; K cannot exceed the crop positions on it
+    # (the model checks the exact grid again when it is built).
+    size, dcg = cfg["dataset"]["image_size"], cfg["model"]["dcg"]
+    grid = max(1, -(-size // dcg.get("output_stride", 32)))
+    window = max(1, round(dcg["crop_size"] * grid / size))
+    positions = max(1, grid - window + 1) ** 2
+    c("model.dcg.roi_count", lambda v: v <= positions,
+      f"at most {positions} (crop positions on the {grid}x{grid} CAM at dataset.image_size={size}, "
+      f"output_stride={dcg.get('output_stride', 32)}, crop_size={dcg['crop_size']})")
