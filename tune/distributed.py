@@ -19,7 +19,7 @@ import ray.train.torch
 import torch
 
 import diffmic  # noqa: F401 — applies the torchvision import fix in every worker process
-from diffmic.checkpoint import to_jsonable, write_checkpoint_files
+from diffmic.checkpoint import METRICS_FILE, STATE_FILE, to_jsonable, write_checkpoint_files
 from diffmic.session import Session
 
 # Variables a worker needs to reach storage; passed explicitly when joining an existing cluster.
@@ -34,6 +34,7 @@ class RaySession(Session):
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         super().__init__(ray.train.torch.get_device(), amp)
         self._scratch = Path(tempfile.mkdtemp(prefix="diffmic-ckpt-"))
+        self._state_dir: Path | None = None  # the latest training state written or restored (rank 0)
 
     def prepare_model(self, model):
         # The pre-training phase leaves the denoiser unused, a frozen DCG leaves the DCG unused.
@@ -52,24 +53,41 @@ class RaySession(Session):
             directory = Path(tempfile.mkdtemp(dir=self._scratch))
             write_checkpoint_files(directory, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
+        if directory is not None:  # kept (the previous one dropped) for the final checkpoint, see finish()
+            self._keep_state(directory)
+
+    def _keep_state(self, directory: Path) -> None:
+        if self._state_dir is not None and self._state_dir != directory:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+        self._state_dir = directory
 
     def latest_checkpoint(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        return Path(checkpoint.to_directory(str(self._scratch / "restored")))
+        directory = Path(checkpoint.to_directory(str(self._scratch / "restored")))
+        self._keep_state(directory)
+        return directory
 
     def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
         """With `train.test_at_end`, a final report whose checkpoint is the model bundle and its test metrics."""
-        if not cfg["train"].get("test_at_end", True):
-            return
+        try:
+            if cfg["train"].get("test_at_end", True):
+                self._report_final(result, model, cfg, class_names)
+        finally:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def _report_final(self, result, model, cfg: dict, class_names: list[str]) -> None:
         from diffmic.bundle import write_bundle
         directory = None
         metrics = {"val": result.val, "test": result.test, "best_epoch": result.best_epoch}
         if self.rank == 0:
             directory = Path(tempfile.mkdtemp(dir=self._scratch))
+            # This becomes the run's latest checkpoint: it carries the training state too, so that resuming a
+            # finished run (resume=true, a retry, a restored trial) finds state.pt and has nothing left to train.
+            for name in (STATE_FILE, METRICS_FILE):
+                if self._state_dir is not None and (self._state_dir / name).is_file():
+                    shutil.copyfile(self._state_dir / name, directory / name)
             write_bundle(directory / "model", model, cfg, class_names, to_jsonable(metrics))
             (directory / RESULT_FILE).write_text(json.dumps(to_jsonable(metrics), indent=1))
         flat = {"epoch": result.best_epoch, "final": 1, **{f"val_{k}": v for k, v in result.val.items()},
@@ -99,10 +117,27 @@ def init_ray(cfg: dict) -> None:
     """Join the cluster at RAY_ADDRESS (or the one this process runs in), else start a local one."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env(), log_to_driver=True)
+    # Train V2's placement-group cleaner (a worker) finds the cluster's State API through RAY_API_SERVER_ADDRESS /
+    # RAY_ADDRESS, else by scanning this machine for Ray processes, which fails when another Ray instance runs here
+    # ("Found multiple active Ray instances"): the finished trial's CPUs are then never returned and the next trial
+    # waits forever. So the workers are told which cluster is theirs.
+    env = runtime_env()
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        if "://" not in address and address not in ("auto", "local"):  # a GCS host:port (as `ray job` sets it)
+            env["env_vars"].setdefault("RAY_ADDRESS", address)
+        # Under `ray job submit --runtime-env-json '{"env_vars": …}'` ray.init refuses to set a variable the job's
+        # runtime env already sets (same values: this process got them from it), so those are left to the job.
+        job_env = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {})
+        env["env_vars"] = {k: v for k, v in env["env_vars"].items() if k not in (job_env.get("env_vars") or {})}
+        ray.init(runtime_env=env, log_to_driver=True)
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env())
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env)
 
 
 def build_trainer(cfg: dict, storage, name: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:

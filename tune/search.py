@@ -22,7 +22,7 @@ from diffmic.cli import CONFIG_DIR, one_line_errors, to_plain  # noqa: E402
 SAMPLERS, SCHEDULERS, MODES = ("tpe", "random", "cmaes", "qmc"), ("asha", "none"), ("max", "min")
 
 
-def check_search(cfg: dict) -> None:
+def check_search(cfg: dict, known: list[str] | None = None) -> None:
     from diffmic.metrics import SCALAR_METRICS
     from tune.space import SearchError
 
@@ -44,7 +44,7 @@ def check_search(cfg: dict) -> None:
          "null or an integer >= 1")
     need("time_budget_s", s["time_budget_s"] is None or s["time_budget_s"] > 0, "null or seconds > 0")
     datasets = cfg["datasets"]
-    known = sorted(p.stem for p in (CONFIG_DIR / "dataset").glob("*.yaml"))
+    known = known or sorted(p.stem for p in (CONFIG_DIR / "dataset").glob("*.yaml"))
     if not datasets or not isinstance(datasets, list):
         raise SearchError(f"datasets={datasets!r}: expected a non-empty list, e.g. datasets=[synthetic]")
     for name in datasets:
@@ -53,6 +53,17 @@ def check_search(cfg: dict) -> None:
                               f"(or a file configs/dataset/{name}.yaml)")
     if not str(cfg["experiment"]).replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise SearchError(f"experiment={cfg['experiment']!r}: expected letters, digits, '-', '_' or '.'")
+
+
+def known_datasets(overrides: list[str]) -> list[str] | None:
+    """The `dataset` configs Hydra can compose: configs/dataset/ and any `hydra.searchpath=[…]` given."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return None
+    searchpath = [o for o in overrides if o.startswith("hydra.searchpath=")]
+    return sorted(GlobalHydra.instance().config_loader().get_group_options("dataset", config_name="search",
+                                                                           overrides=searchpath))
 
 
 def plan(cfg: dict, overrides: list[str]):
@@ -66,7 +77,7 @@ def plan(cfg: dict, overrides: list[str]):
     from tune.space import SearchError, check_against_config, parse_space
     from tune.storage import open_storage
 
-    check_search(cfg)
+    check_search(cfg, known_datasets(overrides))
     storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"].get("create_bucket", False))
     if cfg.get("resume") and not storage.exists(cfg["experiment"]):
         raise SearchError(f"resume=true but there is no experiment {cfg['experiment']!r} under {storage.uri}")
@@ -174,7 +185,9 @@ def main() -> None:
     @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")
     def _main(cfg) -> None:
         with one_line_errors("search"):
-            search(to_plain(cfg), list(HydraConfig.get().overrides.task))
+            hc = HydraConfig.get()  # extra config dirs (hydra.searchpath) reach each dataset's compose too
+            searchpath = [o for o in hc.overrides.hydra if o.startswith("hydra.searchpath=")]
+            search(to_plain(cfg), [*hc.overrides.task, *searchpath])
 
     _main()
 

@@ -1,0 +1,39 @@
+"""bench/bench_core.py: a quick run prints every figure with its floor and every ratio (timings are not checked)."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"\d+(?:\.\d+)?"
+FIGURES = ("train step, DCG joint", "train step, DCG frozen", "predict official 20 steps", "predict ddim 10 steps",
+           "predict ours 20 steps", "predict official-style 20 steps")
+RATIOS = (r"\(a\) train step / plain resnet18 train step, DCG joint", r"\(a\) train step / plain resnet18 train step, "
+          r"DCG frozen", r"\(b\) predict / plain resnet18 forward, official 20 steps",
+          r"\(b\) predict / plain resnet18 forward, ddim 10 steps", r"\(c\) official-style / ours, 20 steps")
+
+
+@pytest.mark.slow
+def test_quick_bench_prints_every_ratio_and_floor(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_core.py"), "--quick", "--config", "small",
+                           "--json", str(out)], capture_output=True, text=True, timeout=1200, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    for label in FIGURES:  # time, floor, time/floor, ms/img, img/s
+        assert re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", text, re.M), label
+        assert re.search(rf"^floor of {re.escape(label)}: .*denoiser MLP.* ms$", text, re.M), label
+    for label in RATIOS:
+        assert re.search(rf"^{label}: {NUMBER}$", text, re.M), label
+    assert re.search(rf"^targets: time/floor <= 1\.2 for \d/6 figures; \(c\) >= 15 .*: {NUMBER}$", text, re.M)
+
+    rows = json.loads(out.read_text())["results"][0]["rows"]
+    assert [r["label"] for r in rows] == list(FIGURES)
+    for r in rows:  # a floor is the sum of its parts, each a positive time
+        assert all(v > 0 for v in r["parts"].values()) and math.isclose(r["floor"], sum(r["parts"].values()))

@@ -1,0 +1,492 @@
+"""The hyperparameter search (`tune/search.py`): search-space parsing, bad input, and real searches end to end.
+
+Fast (no Ray): `tune.space` parsing and its one-line errors; `tune/search.py` with bad input, run as a subprocess: exit
+code 2 and one `search: error:` line, before any Ray process starts (each run gets a private RAY_TMPDIR, checked empty).
+
+Integration (real Ray, real S3 server from conftest.py), every trial tiny (32 px synthetic, timm `test_resnet`
+backbones, one or three epochs):
+- `ray job submit` of the search to a Ray head started here (`ray start --head` on loopback), results in S3;
+- the driver killed (SIGKILL) after a trial finished, the same command again: nothing lost, nothing trained twice;
+- two datasets (the second one from a config dir given with `hydra.searchpath`): two Optuna studies, two best rows;
+- ASHA stopping a trial early.
+
+Every Ray process a test starts carries the test's private temp dir (in its command line or environment) and runs in
+the session of the process the test started; both are swept with SIGKILL afterwards, by pid.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers import TINY, compose
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SEARCH = [sys.executable, "tune/search.py"]
+ERROR_PREFIX = "search: error:"
+MARKER = "DIFFMIC_TEST_RAY"  # set in the environment of every process a test starts: its Ray processes inherit it
+SEARCHED_KEYS = ["diffusion.timesteps", "diffusion.schedule", "train.mmd_weight", "model.dcg.roi_count"]
+
+# TINY with small backbones (a checkpoint of ~1 M parameters) and ROI counts that fit the 2x2 CAM of a 32 px image.
+TINY_SEARCH = [*TINY, "model.dcg.backbone=test_resnet", "model.denoiser.encoder=test_resnet",
+               "search.space.roi_count.choice=[1,2]", "search.max_concurrent_trials=1", "scaling.max_failures=0",
+               "report=false", "dataset.image_size=32"]
+
+
+def tiny(*changes: str) -> list[str]:
+    """TINY_SEARCH with some keys changed or added (Hydra refuses the same key twice)."""
+    merged = dict(o.split("=", 1) for o in TINY_SEARCH)
+    merged.update(o.split("=", 1) for o in changes)
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(ray_tmp: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TMPDIR": str(ray_tmp), MARKER: str(ray_tmp), "DIFFMIC_CACHE": str(ray_tmp / "cache"),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "DIFFMIC_DEBUG", "HYDRA_FULL_ERROR"):
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+def _pids_of(ray_tmp: Path) -> list[int]:
+    """Processes (other than this one) whose command line or environment names `ray_tmp`."""
+    needle, me, found = str(ray_tmp).encode(), os.getpid(), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        for part in ("cmdline", "environ"):
+            try:
+                data = (proc / part).read_bytes()
+                if needle + b"/" in data or needle + b"\0" in data:
+                    found.append(int(proc.name))
+                    break
+            except OSError:
+                pass
+    return found
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+def _stop(ray_tmp: Path, sids: tuple[int, ...] = (), timeout: float = 60.0) -> None:
+    """SIGKILL, by pid, every process of the sessions `sids` and every process naming `ray_tmp`, until none is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = set(_pids_of(ray_tmp)).union(*(_session_pids(s) for s in sids))
+        pids.discard(os.getpid())
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def ray_tmp():
+    """A private, short Ray temp dir (Unix socket paths must stay short); whatever runs from it is stopped after."""
+    path = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        _stop(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    seconds: float
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.out.splitlines()[-n:])
+
+
+class Proc:
+    """A command in its own session, output (stdout + stderr) in a file."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str]):
+        self.log, self.marker = log, Path(env[MARKER])
+        self.start = time.monotonic()
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def result(self, rc: int) -> Run:
+        return Run(rc, self.log.read_text(errors="replace"), time.monotonic() - self.start)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        _stop(self.marker, (self.proc.pid,))
+
+    def wait(self, timeout: float) -> Run:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.proc.args[:3]} did not finish within {timeout:.0f} s:\n{self.result(-9).tail()}")
+        _stop(self.marker, (self.proc.pid,))
+        return self.result(rc)
+
+
+def _search(args: list[str], ray_tmp: Path, log_name: str, timeout: float = 900, **env: str) -> Run:
+    return Proc([*SEARCH, *args], ray_tmp / log_name, _env(ray_tmp, **env)).wait(timeout)
+
+
+def _ok(run: Run) -> None:
+    assert run.rc == 0, f"search failed (rc {run.rc}):\n{run.tail()}"
+
+
+def _csv(path: Path):
+    import pandas as pd
+    return pd.read_csv(path)
+
+
+def _trial_states(exp_dir: Path) -> dict[str, str]:
+    """trial id -> Tune status, from the newest experiment state file of a Tune experiment ({} while unreadable)."""
+    # Named after the session that writes it (a restore starts a new one); older ones are synced again, so the
+    # name, not the mtime, tells the newest.
+    files = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        data = json.loads(files[-1].read_text())
+        return {t["trial_id"]: t["status"] for t in (json.loads(raw) for raw, _ in data["trial_data"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _checkpoints(exp_dir: Path, trial_id: str) -> list[str]:
+    return sorted(p.name for p in (exp_dir / "checkpoints" / trial_id).glob("checkpoint_*"))
+
+
+# ------------------------------------------------------------------------------------ search space (no Ray)
+@pytest.fixture(scope="module")
+def search_cfg() -> dict:
+    return compose([], config_name="search")  # 64 px
+
+
+def test_default_space_parses_into_config_keys(search_cfg):
+    from tune.space import check_against_config, parse_space
+
+    params = parse_space(search_cfg["search"]["space"], search_cfg)
+    assert [p.key for p in params] == SEARCHED_KEYS
+    assert {p.kind for p in params} == {"choice"}
+    assert 0.0 in params[2].values  # the no-MMD ablation is part of the space
+    check_against_config(params, search_cfg)
+
+
+def test_extended_space_and_sampling_domains(search_cfg):
+    from tune.space import apply, get_key, parse_space, tune_space
+
+    cfg = compose(["search=extended"], config_name="search")
+    params = parse_space(cfg["search"]["space"], cfg)
+    keys = [p.key for p in params]
+    assert keys[:4] == SEARCHED_KEYS and {"train.lr", "diffusion.sample_steps", "model.dcg.crop_size",
+                                         "model.denoiser.feature_dim"} <= set(keys)
+    lr = next(p for p in params if p.key == "train.lr")
+    assert lr.kind == "loguniform" and lr.probes() == [3.0e-4, 2.0e-3]
+    domains = tune_space(params)
+    assert set(domains) == set(keys)  # a trial's values are keyed by config key: they are overrides
+    assert lr.values[0] <= domains["train.lr"].sample() <= lr.values[1]
+    trial = apply(cfg, {"diffusion.timesteps": 250, "train.lr": 1e-3})
+    assert get_key(trial, "diffusion.timesteps") == 250 and trial["train"]["lr"] == 1e-3
+    assert cfg["train"]["lr"] != 1e-3  # the base config is left alone
+
+
+@pytest.mark.parametrize("space, expected", [
+    ({}, "search.space is empty"),
+    ({"x": {"key": "train.lr", "normal": [0.1, 1.0]}}, "search.space.x: expected exactly one of choice, uniform"),
+    ({"x": {"key": "train.lr", "choice": [1], "uniform": [0, 1]}}, "search.space.x: expected exactly one of"),
+    ({"x": {"choice": [1, 2]}}, "search.space.x: expected {key: CONFIG.KEY"),
+    ({"x": {"key": "train.lr", "choice": []}}, "search.space.x.choice=[]: expected a non-empty list"),
+    ({"x": {"key": "train.lr", "uniform": [0.1, 0.1]}}, "empty or inverted range"),
+    ({"x": {"key": "train.lr", "uniform": [0.2, 0.1]}}, "search.space.x.uniform=[0.2, 0.1]: empty or inverted range"),
+    ({"x": {"key": "train.epochs", "randint": [3, 1]}}, "empty or inverted range"),
+    ({"x": {"key": "train.lr", "uniform": [0.1]}}, "expected [low, high]"),
+    ({"x": {"key": "train.lr", "loguniform": [0.0, 0.1]}}, "search.space.x.loguniform=[0.0, 0.1]: expected low > 0"),
+    ({"x": {"key": "train.lr", "loguniform": [-1.0, 0.1]}}, "expected low > 0"),
+    ({"x": {"key": "train.nope", "choice": [1]}}, "search.space.x.key='train.nope': not a key of the training config"),
+    ({"x": {"key": "diffusion.timesteps.deeper", "choice": [1]}}, "not a key of the training config"),
+])
+def test_bad_space_is_one_line(search_cfg, space, expected):
+    from tune.space import SearchError, parse_space
+
+    with pytest.raises(SearchError) as e:
+        parse_space(space, search_cfg)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("space, expected", [
+    # every combination must make a valid config: 500 sampler steps do not fit 100 timesteps
+    ({"t": {"key": "diffusion.timesteps", "choice": [100, 1000]},
+      "s": {"key": "diffusion.sample_steps", "choice": [10, 500]}}, "diffusion.sample_steps"),
+    ({"s": {"key": "diffusion.schedule", "choice": ["linear", "nope"]}}, "diffusion.schedule='nope'"),
+    ({"m": {"key": "train.mmd_weight", "uniform": [-1.0, 1.0]}}, "train.mmd_weight=-1.0"),
+    ({"c": {"key": "model.dcg.crop_size", "choice": [16, 128]}}, "model.dcg.crop_size=128"),  # > the 64 px image
+])
+def test_space_values_giving_an_invalid_config(search_cfg, space, expected):
+    from tune.space import SearchError, check_against_config, parse_space
+
+    params = parse_space(space, search_cfg)
+    with pytest.raises(SearchError) as e:
+        check_against_config(params, search_cfg)
+    message = str(e.value)
+    assert message.startswith("search space value(s)") and expected in message and "\n" not in message
+
+
+def test_valid_combinations_pass(search_cfg):
+    from tune.space import check_against_config, parse_space
+
+    space = {"t": {"key": "diffusion.timesteps", "choice": [100, 1000]},
+             "s": {"key": "diffusion.sample_steps", "choice": [10, 100]},
+             "lr": {"key": "train.lr", "loguniform": [1e-4, 1e-2]},
+             "k": {"key": "train.epochs", "randint": [1, 4]}}
+    check_against_config(parse_space(space, search_cfg), search_cfg)
+
+
+# ------------------------------------------------------------------------------- bad input: before any Ray
+BAD_INPUT = {
+    "unknown dataset": (["datasets=[nope]"], "unknown dataset 'nope'"),
+    "unknown schedule": (["search.space.schedule.choice=[linear,nope]"], "diffusion.schedule='nope'"),
+    "num_samples 0": (["search.num_samples=0"], "search.num_samples=0: expected an integer >= 1"),
+    "unknown metric": (["search.metric=val_nope"], "search.metric='val_nope': expected a reported validation metric"),
+    "inverted range": (["+search.space.lr={key:train.lr,loguniform:[0.002,0.0003]}"], "empty or inverted range"),
+    "storage unreachable": (["storage=s3", "storage.uri=s3://bkt/p"], "cannot reach"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_before_ray(case, ray_tmp, tmp_path):
+    args, expected = BAD_INPUT[case]
+    secret = "sEcReT-never-printed-123"
+    env = {}
+    if case == "storage unreachable":  # a closed loopback port: nothing listens there
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+               "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
+    else:
+        args = [*args, f"storage.uri={tmp_path / 'results'}"]
+    run = _search(tiny(*args), ray_tmp, "bad.log", timeout=300, **env)
+    errors = [line for line in run.out.splitlines() if ERROR_PREFIX in line]
+    assert run.rc == 2, f"rc {run.rc}, expected 2:\n{run.tail()}"
+    assert len(errors) == 1 and expected in errors[0], run.tail()
+    assert "Traceback" not in run.out and secret not in run.out
+    assert not list(ray_tmp.rglob("session_*")), "a Ray session was started before the error"
+    assert not _pids_of(ray_tmp)
+    assert run.seconds < 90, f"the error took {run.seconds:.0f} s"  # imports only (~10 s on a quiet machine)
+
+
+# --------------------------------------------------------------------------------------------- integration
+@pytest.fixture
+def ray_head(ray_tmp):
+    """A real Ray head on loopback (as a user starts one), its jobs API at RAY_ADDRESS, token auth on."""
+    ports = {"--port": _free_port(), "--dashboard-port": _free_port(), "--ray-client-server-port": _free_port(),
+             "--dashboard-agent-listen-port": _free_port()}
+    env = _env(ray_tmp)
+    for var in ("RAY_TMPDIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        env.pop(var, None)  # the job's runtime env brings the S3 settings, as for a cluster started elsewhere
+    cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+           "--node-ip-address=127.0.0.1", f"--temp-dir={ray_tmp}", *(f"{k}={v}" for k, v in ports.items())]
+    start = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, _ = start.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        start.kill()
+        out = b"(timed out)"
+    try:
+        if start.returncode != 0:
+            pytest.fail(f"ray start failed:\n{out.decode(errors='replace')[-3000:]}")
+        yield {"RAY_ADDRESS": f"http://127.0.0.1:{ports['--dashboard-port']}", "RAY_AUTH_MODE": "token"}
+    finally:
+        _stop(ray_tmp, (start.pid,))
+
+
+@pytest.mark.integration
+def test_job_submit_search_into_s3(s3_server, s3_bucket, ray_head, ray_tmp):
+    import pandas as pd
+
+    job_env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                          "AWS_DEFAULT_REGION")}
+    job_env.update(HF_HUB_OFFLINE="1", DIFFMIC_CACHE=str(ray_tmp / "cache"))
+    cmd = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--runtime-env-json",
+           json.dumps({"env_vars": job_env}), "--", "python", "tune/search.py", "datasets=[synthetic]",
+           "experiment=js", "search.num_samples=3", "storage=s3", f"storage.uri=s3://{s3_bucket}/exp", *tiny()]
+    env = _env(ray_tmp, **ray_head)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):  # the job gets them from its env
+        env.pop(k, None)
+    run = Proc(cmd, ray_tmp / "submit.log", env).wait(1200)
+    assert run.rc == 0, f"ray job submit failed:\n{run.tail()}"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in run.out
+
+    s3 = s3_server.client()
+
+    def read(key: str) -> bytes:
+        return s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+
+    summary = pd.read_csv(io.BytesIO(read("exp/js/summary.csv")))
+    assert len(summary) == 3 and summary["trial_id"].nunique() == 3, summary
+    assert {"dataset", "trial_id", "status", *SEARCHED_KEYS} <= set(summary.columns)
+    assert {"val_macro_f1", "val_accuracy"} <= set(summary.columns)
+    assert set(summary["dataset"]) == {"synthetic"} and set(summary["status"]) == {"COMPLETED"}
+    best = pd.read_csv(io.BytesIO(read("exp/js/best.csv")))
+    assert len(best) == 1 and best["dataset"][0] == "synthetic"
+    assert {"test_macro_f1", "test_accuracy", "val_macro_f1", "checkpoint_uri", *SEARCHED_KEYS} <= set(best.columns)
+    assert best["checkpoint_uri"][0].startswith(f"s3://{s3_bucket}/exp/js/synthetic/checkpoints/")
+    assert best["trial_id"][0] in set(summary["trial_id"])
+    assert best["val_macro_f1"][0] == pytest.approx(summary["val_macro_f1"].max())  # chosen on validation
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="exp/")
+            for o in page.get("Contents", [])}
+    assert {"exp/js/summary.parquet", "exp/js/best.parquet", "exp/js/optuna/synthetic.db",
+            "exp/best/synthetic/manifest.json"} <= keys
+    with tempfile.NamedTemporaryFile(suffix=".db") as db:  # the study copy: one study, three trials
+        db.write(read("exp/js/optuna/synthetic.db"))
+        db.flush()
+        with sqlite3.connect(db.name) as con:
+            assert con.execute("select count(*) from studies").fetchone()[0] == 1
+            assert con.execute("select count(*) from trials").fetchone()[0] == 3
+    assert json.loads(read("exp/best/synthetic/manifest.json"))
+
+
+@pytest.mark.integration
+def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_path):
+    storage = tmp_path / "results"
+    args = ["experiment=kr", "search.num_samples=4", "search.scheduler=none", f"storage.uri={storage}",
+            "export=false", *tiny()]
+    exp_dir = storage / "kr" / "synthetic"
+    first = Proc([*SEARCH, *args], ray_tmp / "first.log", _env(ray_tmp))
+    deadline = time.monotonic() + 900
+    while True:
+        states = _trial_states(exp_dir)
+        done = {t for t, s in states.items() if s == "TERMINATED" and _checkpoints(exp_dir, t)}
+        if done:
+            break
+        if first.proc.poll() is not None:
+            pytest.fail(f"the search ended (rc {first.proc.returncode}) before it could be killed:\n"
+                        f"{first.result(first.proc.returncode).tail()}")
+        if time.monotonic() > deadline:
+            first.kill()
+            pytest.fail(f"no trial finished within 900 s:\n{first.result(-9).tail()}")
+        time.sleep(1)
+    first.kill()  # SIGKILL to the driver's whole process group, then every Ray process it started
+    assert first.proc.returncode == -signal.SIGKILL
+    assert not _pids_of(ray_tmp)
+    states = _trial_states(exp_dir)
+    done = {t for t, s in states.items() if s == "TERMINATED"}
+    assert done and len(done) < 4, states
+    before = {t: _checkpoints(exp_dir, t) for t in done}
+
+    second = Proc([*SEARCH, *args], ray_tmp / "second.log", _env(ray_tmp))
+    seen = [len(done)]
+    while second.proc.poll() is None and time.monotonic() - second.start < 900:
+        now = _trial_states(exp_dir)
+        if now:
+            finished = {t for t, s in now.items() if s == "TERMINATED"}
+            assert done <= finished, f"a finished trial is no longer finished: {now}"
+            seen.append(len(finished))
+        time.sleep(1)
+    run = second.wait(60)
+    _ok(run)
+    assert "resuming" in run.out
+    assert seen == sorted(seen), f"the finished count went down: {seen}"
+
+    summary = _csv(storage / "kr" / "summary.csv")
+    assert len(summary) == 4 and summary["trial_id"].nunique() == 4, summary
+    assert set(summary["status"]) == {"COMPLETED"} and summary["val_macro_f1"].notna().all()
+    assert done <= set(summary["trial_id"])
+    history = _csv(storage / "kr" / "history.csv")
+    for trial in done:  # not trained again: no new checkpoint, one reported epoch
+        assert _checkpoints(exp_dir, trial) == before[trial], trial
+        assert (history["trial_id"] == trial).sum() == 1, history[history["trial_id"] == trial]
+    assert _csv(storage / "kr" / "best.csv").shape[0] == 1
+
+
+@pytest.mark.integration
+def test_two_datasets_two_studies_two_best_rows(ray_tmp, tmp_path):
+    configs = tmp_path / "configs"  # a second dataset that exists only for this test: another seed of synthetic
+    (configs / "dataset").mkdir(parents=True)
+    (configs / "preset").mkdir()
+    text = (ROOT / "configs" / "dataset" / "synthetic.yaml").read_text()
+    assert "\nseed: 0 " in text
+    (configs / "dataset" / "synthetic_b.yaml").write_text(text.replace("\nseed: 0 ", "\nseed: 7 "))
+    shutil.copy(ROOT / "configs" / "preset" / "synthetic.yaml", configs / "preset" / "synthetic_b.yaml")
+    storage = tmp_path / "results"
+    run = _search(["datasets=[synthetic,synthetic_b]", f"hydra.searchpath=[file://{configs}]", "experiment=two",
+                   "search.num_samples=1", "search.scheduler=none", f"storage.uri={storage}", "export=false",
+                   *tiny()], ray_tmp, "two.log")
+    _ok(run)
+    out = storage / "two"
+    for name in ("synthetic", "synthetic_b"):
+        with sqlite3.connect(out / "optuna" / f"{name}.db") as con:
+            studies = [r[0] for r in con.execute("select study_name from studies")]
+            assert studies == [f"two-{name}"]
+            assert con.execute("select count(*) from trials").fetchone()[0] == 1
+        assert (out / name).is_dir()  # a Tune experiment per dataset
+    best = _csv(out / "best.csv")
+    assert sorted(best["dataset"]) == ["synthetic", "synthetic_b"]
+    assert best["test_macro_f1"].notna().all() and best["checkpoint_uri"].notna().all()
+    summary = _csv(out / "summary.csv")
+    assert sorted(summary["dataset"]) == ["synthetic", "synthetic_b"]
+
+
+@pytest.mark.integration
+def test_asha_stops_a_trial_early(ray_tmp, tmp_path):
+    storage = tmp_path / "results"
+    # Four trials of three epochs, one at a time; ASHA's rungs at epochs 1 and 2 keep the top half. A trial below the
+    # rung's median stops; the sampler is seeded and training on CPU is deterministic, so the same trials stop every
+    # time. AUC (continuous) rather than macro-F1 (a few values on 30 val images), so that no rung is a tie.
+    run = _search(["experiment=asha", f"storage.uri={storage}", "export=false",
+                   *tiny("search.num_samples=4", "train.epochs=3", "search.grace_period=1", "search.reduction_factor=2",
+                         "search.metric=val_auc", "dataset.num_train=200")], ray_tmp, "asha.log")
+    _ok(run)
+    summary = _csv(storage / "asha" / "summary.csv")
+    assert len(summary) == 4
+    stopped = summary[summary["stopped_early"]]
+    assert len(stopped) >= 1, summary[["trial_id", "epochs_run", "val_auc", "status"]]
+    assert (stopped["status"] == "STOPPED_EARLY").all() and (stopped["epochs_run"] < 3).all()
+    assert (summary["epochs_run"] == 3).any()  # the best went the distance
+    history = _csv(storage / "asha" / "history.csv")
+    for _, row in stopped.iterrows():
+        assert (history["trial_id"] == row["trial_id"]).sum() == row["epochs_run"]
