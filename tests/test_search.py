@@ -265,6 +265,7 @@ def test_bad_space_is_one_line(search_cfg, space, expected):
     ({"s": {"key": "diffusion.schedule", "choice": ["linear", "nope"]}}, "diffusion.schedule='nope'"),
     ({"m": {"key": "train.mmd_weight", "uniform": [-1.0, 1.0]}}, "train.mmd_weight=-1.0"),
     ({"c": {"key": "model.dcg.crop_size", "choice": [16, 128]}}, "model.dcg.crop_size=128"),  # > the 64 px image
+    ({"k": {"key": "model.dcg.roi_count", "choice": [4, 32]}}, "model.dcg.roi_count=32"),  # > the CAM's positions
 ])
 def test_space_values_giving_an_invalid_config(search_cfg, space, expected):
     from tune.space import SearchError, check_against_config, parse_space
@@ -398,8 +399,11 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_pa
     exp_dir = storage / "kr" / "synthetic"
     first = Proc([*SEARCH, *args], ray_tmp / "first.log", _env(ray_tmp))
     deadline = time.monotonic() + 900
+    seen = []  # the number of finished trials in the experiment state, polled through both runs
     while True:
         states = _trial_states(exp_dir)
+        if states:
+            seen.append(sum(s == "TERMINATED" for s in states.values()))
         done = {t for t, s in states.items() if s == "TERMINATED" and _checkpoints(exp_dir, t)}
         if done:
             break
@@ -419,7 +423,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_pa
     before = {t: _checkpoints(exp_dir, t) for t in done}
 
     second = Proc([*SEARCH, *args], ray_tmp / "second.log", _env(ray_tmp))
-    seen = [len(done)]
+    seen.append(len(done))
     while second.proc.poll() is None and time.monotonic() - second.start < 900:
         now = _trial_states(exp_dir)
         if now:
