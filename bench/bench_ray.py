@@ -17,8 +17,9 @@ local directory. The two sides alternate (bare, Ray, Ray, bare, …) so that loa
 (b) start-up: the Ray side's worker loop is `tune.distributed.train_loop_per_worker`'s three lines with a
     `RaySession` subclass whose data loader notes the wall-clock time of the first batch it hands to the loop
     (= the first training step) and adds it to every report; start-up = that time − the time just before
-    `build_trainer(...).fit()`. It splits into Ray's part (until the worker's loop begins) and the engine's set-up
-    (data, model, optimizers, the same as in the bare loop, whose own `train()` → first step is shown beside it).
+    `build_trainer(...).fit()`. It splits into Ray's part (until the worker's loop function begins), the project's
+    imports in the fresh worker process (timm, torchvision), and the engine's set-up (data, model, optimizers, the
+    same as in the bare loop, whose own `train()` → first step is shown beside it).
     Nothing in the project is patched. Ray's own start (`ray.init`) is reported separately; it is paid once per
     cluster, not per run.
 
@@ -70,10 +71,11 @@ class FirstBatch:
 
 def timed_ray_loop(cfg: dict) -> None:
     """`tune.distributed.train_loop_per_worker` with a session that reports when the loop began and first stepped."""
-    from diffmic.engine import train
+    marks = {"loop_start_unix": time.time()}
+    from diffmic.engine import train  # the project's imports (timm, torchvision) in a fresh worker process
     from tune.distributed import RaySession, localize_dataset
 
-    marks = {"loop_start_unix": time.time()}
+    marks["imported_unix"] = time.time()
 
     class TimedSession(RaySession):
         def prepare_loader(self, loader):
@@ -83,7 +85,7 @@ def timed_ray_loop(cfg: dict) -> None:
             times = marks.setdefault("epoch_times", [])
             times.append(metrics.get("train_epoch_time_s"))
             super().report({**metrics, "loop_start_unix": marks["loop_start_unix"],
-                            "first_step_unix": marks.get("first_step_unix"),
+                            "imported_unix": marks["imported_unix"], "first_step_unix": marks.get("first_step_unix"),
                             "epoch_times": ",".join(repr(t) for t in times)}, state)
 
     cpus = (cfg["scaling"].get("resources_per_worker") or {}).get("CPU")
@@ -91,6 +93,12 @@ def timed_ray_loop(cfg: dict) -> None:
         torch.set_num_threads(max(1, int(cpus)))
     cfg = localize_dataset({**cfg, "dataset": {**cfg["dataset"], "verify_images": False}})
     train(cfg, TimedSession(amp=cfg["train"].get("amp", True)))
+
+
+def cpu_times() -> tuple[int, int]:
+    """(all, idle + iowait) jiffies of the whole machine, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]
 
 
 def compose(overrides: list[str]) -> dict:
@@ -134,7 +142,8 @@ def run_ray(cfg: dict, storage, name: str) -> dict:
     m = result.metrics  # the last report with a checkpoint: the last epoch's, with every epoch's time
     return {"side": "ray", "epoch_times": [float(t) for t in m["epoch_times"].split(",")],
             "startup_s": m["first_step_unix"] - start, "ray_until_loop_s": m["loop_start_unix"] - start,
-            "loop_until_first_step_s": m["first_step_unix"] - m["loop_start_unix"], "total_s": end - start}
+            "project_imports_s": m["imported_unix"] - m["loop_start_unix"],
+            "setup_until_first_step_s": m["first_step_unix"] - m["imported_unix"], "total_s": end - start}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = compose(overrides)
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     storage = open_storage(str(work / "storage"))
+    cpu0 = cpu_times()
     t0 = time.time()
     init_ray(cfg)
     ray_init_s = time.time() - t0
@@ -186,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         "startup_ray_s": [res["startup_s"] for res in ray_runs],
         "startup_ray_median_s": statistics.median(res["startup_s"] for res in ray_runs),
         "ray_until_loop_s": [res["ray_until_loop_s"] for res in ray_runs],
-        "loop_until_first_step_s": [res["loop_until_first_step_s"] for res in ray_runs],
+        "project_imports_s": [res["project_imports_s"] for res in ray_runs],
+        "setup_until_first_step_s": [res["setup_until_first_step_s"] for res in ray_runs],
         "startup_bare_s": [res["startup_s"] for res in bare_runs],
         "ray_init_s": ray_init_s,
     }
@@ -198,10 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"(b) Ray Train start-up, fit() -> first step: "
           f"{', '.join(f'{s:.1f}' for s in figures['startup_ray_s'])} s (median {figures['startup_ray_median_s']:.1f} s; "
           f"target <= 10 s) = Ray until the worker loop {', '.join(f'{s:.1f}' for s in figures['ray_until_loop_s'])} s "
-          f"+ engine set-up {', '.join(f'{s:.1f}' for s in figures['loop_until_first_step_s'])} s; bare loop "
+          f"+ the project's imports in the worker {', '.join(f'{s:.1f}' for s in figures['project_imports_s'])} s "
+          f"+ engine set-up {', '.join(f'{s:.1f}' for s in figures['setup_until_first_step_s'])} s; bare loop "
           f"train() -> first step {', '.join(f'{s:.1f}' for s in figures['startup_bare_s'])} s; "
           f"ray.init once {ray_init_s:.1f} s")
-    print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    cpu1 = cpu_times()
+    figures["machine_busy"] = 1 - (cpu1[1] - cpu0[1]) / max(cpu1[0] - cpu0[0], 1)
+    print(f"machine CPU busy during the run (all processes, this one included): {figures['machine_busy']:.0%}; "
+          f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     out = {"meta": meta, "figures": figures, "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

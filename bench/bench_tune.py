@@ -1,7 +1,8 @@
 """Ray Tune's cost per trial, and what ASHA + TPE buys over random search, with the search's own machinery.
 
     python bench/bench_tune.py [--part overhead|efficiency|both] [--trials 20] [--samples 8] [--epochs 4]
-                               [--image-size 32] [--num-train 200] [--backbone test_resnet] [--json FILE]
+                               [--image-size 32] [--num-train 200] [--backbone test_resnet] [--random-first]
+                               [--json FILE]
                                [-- extra Hydra overrides for both searches of (b)]
 
 (a) Tune overhead per trial: an empty function trainable (it reports once) run `--trials` times, one trial at a
@@ -132,8 +133,9 @@ def search_efficiency(args, storage: Path) -> dict:
     common += args.overrides
     init_ray({})
     runs = {}
-    for name, extra in (("asha+tpe", ["search.scheduler=asha", "search.sampler=tpe"]),
-                        ("random, no early stopping", ["search.scheduler=none", "search.sampler=random"])):
+    order = [("asha+tpe", ["search.scheduler=asha", "search.sampler=tpe"]),
+             ("random, no early stopping", ["search.scheduler=none", "search.sampler=random"])]
+    for name, extra in (order[::-1] if args.random_first else order):  # other work on the machine: try both orders
         print(f"[bench] (b) {name}: {args.samples} trials x {args.epochs} epochs", flush=True)
         runs[name] = run_one([*common, *extra, f"experiment=bench-{'asha' if 'asha' in name else 'random'}"])
     best = max((e[1] for r in runs.values() for e in r["events"]), default=None)
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--backbone", default="test_resnet", help="timm name for the DCG and the denoiser encoder")
+    parser.add_argument("--random-first", action="store_true", help="(b) run the random search first")
     parser.add_argument("--json", type=Path)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both searches of (b)")
     args = parser.parse_args(argv)

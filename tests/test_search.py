@@ -346,6 +346,7 @@ def ray_head(ray_tmp):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_job_submit_search_into_s3(s3_server, s3_bucket, ray_head, ray_tmp):
     import pandas as pd
 
@@ -392,6 +393,7 @@ def test_job_submit_search_into_s3(s3_server, s3_bucket, ray_head, ray_tmp):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_path):
     storage = tmp_path / "results"
     args = ["experiment=kr", "search.num_samples=4", "search.scheduler=none", f"storage.uri={storage}",
@@ -448,6 +450,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_pa
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_two_datasets_two_studies_two_best_rows(ray_tmp, tmp_path):
     configs = tmp_path / "configs"  # a second dataset that exists only for this test: another seed of synthetic
     (configs / "dataset").mkdir(parents=True)
@@ -476,6 +479,7 @@ def test_two_datasets_two_studies_two_best_rows(ray_tmp, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_asha_stops_a_trial_early(ray_tmp, tmp_path):
     storage = tmp_path / "results"
     # Four trials of three epochs, one at a time; ASHA's rungs at epochs 1 and 2 keep the top half. A trial below the
