@@ -52,8 +52,11 @@ def validate_config(cfg: dict) -> None:
     c("diffusion.schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
     c("diffusion.beta_start", lambda v: 0 < v < 1, "a value in (0, 1)")
     c("diffusion.beta_end", lambda v: cfg["diffusion"]["beta_start"] < v < 1, "a value in (beta_start, 1)")
-    c("diffusion.sampler", lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}")
     T = cfg["diffusion"]["timesteps"]
+    c("diffusion.beta_steps", lambda v: v is None or (_int(v) and v >= 1 and cfg["diffusion"]["beta_end"] * v / T < 1),
+      f"null or an integer >= 1 with beta_end * beta_steps / timesteps < 1 (the rescaled beta_end, "
+      f"beta_end={cfg['diffusion']['beta_end']}, timesteps={T})")
+    c("diffusion.sampler", lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}")
     c("diffusion.sample_steps", lambda v: v is None or (_int(v) and 1 <= v <= T),
       f"null (all {T} steps) or an integer in 1..{T} (diffusion.timesteps)")
     c("diffusion.eta", lambda v: 0 <= v <= 1, "a value in [0, 1]")

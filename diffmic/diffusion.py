@@ -58,9 +58,12 @@ class NoiseSchedule:
     """One small object holding β/ᾱ and the CARD posterior coefficients; the denoiser knows nothing about it."""
 
     def __init__(self, name: str = "linear", timesteps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 2e-2, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 beta_end: float = 2e-2, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 beta_steps: int | None = None):
         if timesteps < 2:
             raise ValueError(f"diffusion.timesteps={timesteps}: expected an integer >= 2")
+        if beta_steps:  # the range is given for a beta_steps-long chain: rescale so y_T is as noisy for every T
+            beta_start, beta_end = (b * beta_steps / timesteps for b in (beta_start, beta_end))
         if not 0 < beta_start < beta_end < 1 and name not in ("jsd", "cosine", "cosine_reverse", "const"):
             raise ValueError(f"diffusion beta range [{beta_start}, {beta_end}]: expected 0 < beta_start < beta_end < 1")
         self.name, self.timesteps = name, timesteps

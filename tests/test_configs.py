@@ -34,7 +34,8 @@ def test_search_config_has_the_default_space():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("diffusion.sample_steps=2000", "diffusion.sample_steps=2000: expected null (all 1000 steps) or an integer in 1..1000"),
+    ("diffusion.sample_steps=2000", "diffusion.sample_steps=2000: expected null (all 100 steps) or an integer in 1..100"),
+    ("diffusion.timesteps=10", "diffusion.beta_steps=1000: expected null or an integer >= 1 with beta_end * beta_steps"),
     ("train.epochs=0", "train.epochs=0: expected an integer >= 1"),
     ("diffusion.schedule=nope", "diffusion.schedule='nope': expected one of linear"),
     ("train.mmd_weight=-1", "train.mmd_weight=-1: expected a weight >= 0"),

@@ -190,3 +190,13 @@ def test_antithetic_timesteps_structure_and_official_draws():
 def test_schedule_names_are_all_buildable():
     for name in SCHEDULES:
         assert make_beta_schedule(name, 20).shape == (20,)
+
+
+def test_beta_steps_rescales_the_range_so_every_chain_ends_equally_noisy():
+    full = NoiseSchedule("linear", 1000, beta_steps=1000, dtype=torch.float64)
+    assert torch.equal(full.betas, NoiseSchedule("linear", 1000, dtype=torch.float64).betas)  # official at T=1000
+    short = NoiseSchedule("linear", 100, beta_steps=1000, dtype=torch.float64)
+    assert short.betas[0].item() == pytest.approx(1e-3) and short.betas[-1].item() == pytest.approx(0.2)
+    unscaled = NoiseSchedule("linear", 100, dtype=torch.float64)
+    # √ᾱ_T: the share of y0 left at the chain's start; ≈0 means y_T ≈ ŷ + N(0, I), what sampling starts from
+    assert short.alphas_bar_sqrt[-1] < 0.01 < 0.5 < unscaled.alphas_bar_sqrt[-1]

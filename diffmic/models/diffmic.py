@@ -118,5 +118,6 @@ def build_model(cfg: dict, num_classes: int, image_size: int) -> DiffMIC:
     denoiser = Denoiser(num_classes, d["timesteps"], encoder=den_cfg["encoder"], feature_dim=den_cfg["feature_dim"],
                         pretrained=den_cfg.get("pretrained", False), weights=den_cfg.get("weights"),
                         embedding_bias=den_cfg.get("embedding_bias", 0.0))
-    schedule = NoiseSchedule(d["schedule"], d["timesteps"], d.get("beta_start", 1e-4), d.get("beta_end", 0.02))
+    schedule = NoiseSchedule(d["schedule"], d["timesteps"], d.get("beta_start", 1e-4), d.get("beta_end", 0.02),
+                             beta_steps=d.get("beta_steps"))
     return DiffMIC(dcg, denoiser, schedule, num_classes)
