@@ -9,12 +9,12 @@ from pathlib import Path
 CONFIG_DIR = Path(os.environ.get("DIFFMIC_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (config, data, storage, bundle), reported as one line, not a traceback."""
+def project_errors() -> tuple[type[BaseException], ...]:
+    """The project's own bad-input exceptions (config, data, storage, bundle): their message is the whole story."""
     from diffmic.bundle import BundleError
     from diffmic.config import ConfigError
     from diffmic.data import DataError
-    errors: list[type[BaseException]] = [ConfigError, DataError, BundleError, ValueError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, DataError, BundleError]
     try:
         from tune.storage import StorageError
         errors.append(StorageError)
@@ -28,10 +28,12 @@ def one_line_errors(program: str):
     """Print `program: error: …` and exit 2 on bad input; DIFFMIC_DEBUG=1 shows the traceback instead."""
     try:
         yield
-    except user_errors() as e:
+    except (ValueError, FileNotFoundError, *project_errors()) as e:
         if os.environ.get("DIFFMIC_DEBUG"):
             raise
         message = " ".join(str(e).split())
+        if not isinstance(e, project_errors()):  # bad input caught deeper down, or a bug: keep the way to its trace
+            message += " (DIFFMIC_DEBUG=1 shows the traceback)"
         try:
             from tune.storage import redact
             message = redact(message)

@@ -498,3 +498,26 @@ def test_asha_stops_a_trial_early(ray_tmp, tmp_path):
     history = _csv(storage / "asha" / "history.csv")
     for _, row in stopped.iterrows():
         assert (history["trial_id"] == row["trial_id"]).sum() == row["epochs_run"]
+
+
+def test_a_re_reported_last_epoch_is_one_history_row_with_its_checkpoint(search_cfg):
+    """A trial restarted after its last epoch reports that epoch again, without a checkpoint (engine.train)."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    from tune.results import trial_frames
+    from tune.runner import DatasetSearch
+    from tune.space import parse_space
+
+    cfg = {**search_cfg, "train": {**search_cfg["train"], "epochs": 2}}
+    params = parse_space(cfg["search"]["space"], cfg)
+    df = pd.DataFrame({"epoch": [1, 2, 2], "val_macro_f1": [0.4, 0.6, 0.6], "time_total_s": [10.0, 20.0, 31.0],
+                       "checkpoint_path": ["s3://b/c1", "s3://b/c2", None], "trial_id": "t1"})
+    result = SimpleNamespace(metrics_dataframe=df, metrics={"trial_id": "t1"}, path="/x/t1", error=None,
+                             config={p.key: None for p in params})
+    search = DatasetSearch("synthetic", cfg, params, storage=None, experiment="e")
+    summary, history = trial_frames(search, [result])
+    assert history["epoch"].tolist() == [1, 2]
+    row = summary.iloc[0]
+    assert row["checkpoint_path"] == "s3://b/c2" and row["epochs_run"] == 2 and row["status"] == "COMPLETED"
+    assert row["wall_time_s"] == 31.0

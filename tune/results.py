@@ -30,6 +30,9 @@ def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFram
     rows, history = [], []
     for result in grid:
         df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        wall = float(df["time_total_s"].max()) if "time_total_s" in df else math.nan
+        if "epoch" in df:  # a run restarted after its last epoch reports that epoch again (engine.train): keep the
+            df = df.drop_duplicates("epoch", keep="first").reset_index(drop=True)  # first, it carries the checkpoint
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         params = {p.key: result.config.get(p.key) for p in search.params}
         row = {"dataset": search.dataset, "trial_id": trial_id, **params}
@@ -42,7 +45,6 @@ def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFram
             else:
                 checkpoint = None
             epochs = int(df["epoch"].max())
-            wall = float(df["time_total_s"].max()) if "time_total_s" in df else math.nan
             row.update({c: best[c] for c in df.columns if c.startswith("val_") and not isinstance(best[c], list)})
             row.update(best_epoch=int(best["epoch"]), epochs_run=epochs, checkpoint_path=checkpoint,
                        wall_time_s=wall, cpu_hours=wall * cpus / 3600, gpu_hours=wall * gpus / 3600)

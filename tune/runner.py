@@ -133,6 +133,8 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
                                     time_budget_s=s.get("time_budget_s")),
         run_config=tune.RunConfig(name=search.dataset, storage_path=path, storage_filesystem=fs,
                                   progress_reporter=progress_reporter(search), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=search.cfg["scaling"].get("max_failures", 0))),
+                                  # Ray Train already retries a trial's workers (scaling.max_failures); this only
+                                  # restarts a trial whose driver actor was lost, so the two do not multiply.
+                                  failure_config=tune.FailureConfig(max_failures=s.get("trial_max_failures", 1))),
     )
     return tuner.fit()
