@@ -52,7 +52,7 @@ def tune_overhead(trials: int) -> dict:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune.runner import TRIAL_CPU
+    from tune.runner import TRIAL_RESOURCES
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +64,7 @@ def tune_overhead(trials: int) -> dict:
                 searcher = ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=0)), max_concurrent=1)
                 config = tune.TuneConfig(num_samples=trials, metric="score", mode="max", search_alg=searcher,
                                          scheduler=ASHAScheduler(max_t=1, grace_period=1))
-            tuner = tune.Tuner(tune.with_resources(_empty, {"CPU": TRIAL_CPU}), param_space={"x": tune.uniform(0, 1)},
+            tuner = tune.Tuner(tune.with_resources(_empty, TRIAL_RESOURCES), param_space={"x": tune.uniform(0, 1)},
                                tune_config=config,
                                run_config=tune.RunConfig(name=name.replace(" ", "-").replace(",", ""),
                                                          storage_path=tmp, verbose=0))

@@ -15,7 +15,9 @@ from tune.space import Param, apply, tune_space
 from tune.storage import Storage, open_storage
 
 
-TRIAL_CPU = 0.01  # what a trial itself holds: it only waits on its Ray Train run (0 is refused)
+# What a trial itself holds: it only waits on its Ray Train run. No CPU (even 0.01 CPU per trial would leave room for
+# one trial fewer: 2 trials of a 1-CPU worker need 2.02 CPUs); an empty request is refused, so one byte of memory.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
 
 
 @dataclass
@@ -90,8 +92,7 @@ def max_concurrent(cfg: dict) -> int:
     fits = []
     for resource, amount in per_worker.items():
         if amount:
-            need = amount * workers + (TRIAL_CPU if resource == "CPU" else 0)
-            fits.append(int(total.get(resource, 0) // need))
+            fits.append(int(total.get(resource, 0) // (amount * workers)))
     if scaling.get("use_gpu") and "GPU" not in per_worker:
         fits.append(int(total.get("GPU", 0) // workers))
     return max(1, min(fits) if fits else 1)
@@ -114,7 +115,7 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
     exp_path = f"{path}/{search.dataset}"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_cfg=search.cfg, checkpoints_uri=search.storage.join(search.checkpoints_rel)),
-        {"CPU": TRIAL_CPU},
+        TRIAL_RESOURCES,
     )
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         print(f"[search] {search.dataset}: resuming {search.storage.join(search.rel)}", flush=True)
