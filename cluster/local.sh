@@ -10,7 +10,8 @@
 #   cluster/local.sh stop                  stop this cluster's processes and the S3 server, by PID
 #
 # Then, from the project root:
-#   ray job submit --working-dir . -- python tune/search.py storage=s3 storage.uri=s3://diffmic/runs ...
+#   ray job submit --working-dir "local://$PWD" -- python tune/search.py storage=s3 storage.uri=s3://diffmic/runs ...
+#   (local://: every node of this cluster is this machine, so the driver uses the checkout in place; see README)
 #
 # Settings (environment):
 #   DIFFMIC_CLUSTER_STATE   state dir: auth token, ports, PIDs, generated autoscaler config, env.sh
