@@ -9,7 +9,7 @@ from helpers import compose
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONFIG_DIR.iterdir() if g.is_dir()}
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() if g not in ("preset",) for o in opts])
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() if g not in ("preset", "search_preset") for o in opts])
 def test_every_group_option_composes(group, option):
     overrides = [f"{group}={option}"]
     if group == "storage" and option == "s3":
@@ -17,6 +17,14 @@ def test_every_group_option_composes(group, option):
     cfg = compose(overrides, "search" if group == "search" else "config")
     if group not in ("search",):
         validate_config(cfg)
+
+
+def test_search_preset_applies_to_searches_only():
+    search, single = compose([], "search"), compose([])
+    assert search["dataset"]["image_size"] == 48 and search["model"]["dcg"]["backbone"] == "resnet10t"
+    assert single["dataset"]["image_size"] == 64 and single["model"]["dcg"]["backbone"] == "resnet18"
+    validate_config(search)
+    assert compose(["dataset=isic2018"], "search")["dataset"]["image_size"] == 224  # no search preset: unchanged
 
 
 def test_dataset_preset_follows_the_dataset():
