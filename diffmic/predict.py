@@ -92,7 +92,7 @@ def resolve_settings(bundle: Bundle, sampler: str | None, steps: int | None, eta
     T = bundle.model.schedule.timesteps
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    if steps is not None and sampler != "ddpm" and not 1 <= int(steps) <= T:
+    if steps is not None and not 1 <= int(steps) <= T:  # checked for ddpm too (which runs all T) to catch a typo
         raise ValueError(f"--steps {steps}: expected 1..{T} (the bundle's diffusion.timesteps)")
     if num_samples < 1:
         raise ValueError(f"--samples {num_samples}: expected at least 1")

@@ -320,6 +320,23 @@ def _checkpoints(cluster: LocalCluster, prefix: str) -> tuple[dict[str, dict[str
     return registered, present
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, …), read from /proc."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent_of[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent_of.items() if pp in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def _raylet_of(node_id: str) -> tuple[int, str]:
     """PID and command line of the raylet process of a node (its command line names the node id)."""
     for pid in _pids_with(f"--node_id={node_id}"):
@@ -367,8 +384,13 @@ def test_search_survives_losing_a_worker_node(cluster):
     assert "node:__internal_head__" not in cmdline, "the Ray Train worker runs on the head (it has no CPUs?)"
     assert cluster.tmpdir in cmdline, "that raylet is not this cluster's"
 
-    # 3. Lose the node: SIGKILL its raylet (its worker processes go with it).
-    os.kill(pid, signal.SIGKILL)
+    # 3. Lose the node as a preempted machine does: SIGKILL its raylet and every process under it at once (a raylet
+    # killed alone leaves its workers running, and a fast trial may then finish before the node is declared dead).
+    for victim in (pid, *_descendants(pid)):
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     t_kill = time.time() - t0
     print(f"\ntrial {trial}: checkpoint of epoch(s) {sorted(before.values())} registered at {t_ckpt:.0f}s; killed "
           f"raylet {pid} of node {node_id[-6:]} (Train worker pid {workers[0]['pid']}) at {t_kill:.0f}s")

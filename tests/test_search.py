@@ -359,7 +359,11 @@ def test_job_submit_search_into_s3(s3_server, s3_bucket, ray_head, ray_tmp):
     env = _env(ray_tmp, **ray_head)
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):  # the job gets them from its env
         env.pop(k, None)
-    run = Proc(cmd, ray_tmp / "submit.log", env).wait(1200)
+    for attempt in range(6):  # a just-started head refuses jobs until its dashboard agent has registered
+        run = Proc(cmd, ray_tmp / f"submit{attempt}.log", env).wait(1200)
+        if run.rc == 0 or "No available agent to submit job" not in run.out:
+            break
+        time.sleep(5)
     assert run.rc == 0, f"ray job submit failed:\n{run.tail()}"
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in run.out
 
