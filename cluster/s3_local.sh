@@ -178,12 +178,14 @@ cmd_start() {
   source "$DIR/credentials"
   # Own session/process group (setsid) so that `stop` ends weed and everything it starts, and a closing terminal
   # does not. weed mini takes its admin S3 credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
+  # Small volumes, many allowed: each bucket is a collection with volumes of its own (the defaults run out).
   AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY \
     setsid "$WEED" mini -dir="$DIR" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.port="${p[0]}" -master.port.grpc="${p[1]}" -volume.port="${p[2]}" -volume.port.grpc="${p[3]}" \
     -filer.port="${p[4]}" -filer.port.grpc="${p[5]}" -s3.port="${p[6]}" -s3.port.grpc="${p[7]}" \
     -admin.port="${p[8]}" -admin.port.grpc="${p[9]}" -admin.ui=false -webdav=false \
     -s3.port.iceberg=0 -s3.port.lance=0 -bucket="$BUCKET" \
+    -master.volumeSizeLimitMB=64 -volume.max=2000 \
     </dev/null >>"$DIR/weed.log" 2>&1 &
   pid=$!
   echo "$pid" >"$DIR/weed.pid"

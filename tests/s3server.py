@@ -68,7 +68,10 @@ class S3Server:
         args = [self.weed, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 *(f"-{flag}={port}" for flag, port in self.ports.items()),
                 "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false"]
+                "-master.telemetry=false",
+                # Every test bucket is a SeaweedFS collection with volumes of its own; with the default size limit and
+                # volume count sized from free disk, a long session ran out ("failed to find writable volumes").
+                "-master.volumeSizeLimitMB=64", "-volume.max=2000"]
         # weed mini takes its admin identity from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; its glog files go to
         # TMPDIR (else a handful of weed.* files per start pile up in /tmp).
         tmp = self.data_dir.parent / f"{self.data_dir.name}.tmp"
