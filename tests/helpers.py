@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from diffmic.cli import CONFIG_DIR
 
-TINY = [  # a run that takes seconds: 48 px (a 3x3 CAM, room for K <= 9) synthetic images, tiny splits, one epoch
-    "dataset.image_size=48", "dataset.num_train=96", "dataset.num_test=32", "model.dcg.roi_count=2",
+# A run that takes seconds: 48 px (a 3x3 CAM, room for K <= 9) synthetic images, tiny splits, one epoch, and timm's
+# `test_resnet` backbones (~0.5 M parameters each), so that a checkpoint is a few MB, not ~600 MB: a full test session
+# then writes well under a GB.
+TINY = [
+    "model.dcg.backbone=test_resnet", "model.denoiser.encoder=test_resnet", "dataset.image_size=48", "dataset.num_train=96", "dataset.num_test=32", "model.dcg.roi_count=2",
     "model.denoiser.feature_dim=32", "diffusion.timesteps=50", "diffusion.sample_steps=5", "train.epochs=1",
     "train.dcg_pretrain_epochs=1", "train.batch_size=16", "train.eval_batch_size=64",
 ]

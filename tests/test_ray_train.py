@@ -35,8 +35,6 @@ from helpers import TINY, compose
 pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[1]
-# TINY, with backbones small enough that the S3 uploads of a checkpoint per epoch cost nothing (~1 M parameters).
-SMALL = [*TINY, "model.dcg.backbone=test_resnet", "model.denoiser.encoder=test_resnet"]
 S3 = ["storage=s3"]
 ERROR_PREFIX = "diffmic.train: error:"
 
@@ -171,13 +169,30 @@ def assert_one_line_error(run: Run, secret: str, *needles: str) -> str:
     return lines[0]
 
 
+def test_checkpoint_staging_of_dead_workers_is_swept(tmp_path, monkeypatch):
+    """A killed worker's staging directory goes; a live worker's stays."""
+    import tempfile
+
+    from tune.distributed import SCRATCH_PREFIX, sweep_orphaned_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"{SCRATCH_PREFIX}{dead.pid}-abc" / "x").mkdir(parents=True)
+    (tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-def").mkdir()
+    (tmp_path / f"{SCRATCH_PREFIX}notapid").mkdir()  # not ours to judge
+    sweep_orphaned_scratch()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{SCRATCH_PREFIX}{os.getpid()}-def",
+                                                          f"{SCRATCH_PREFIX}notapid"]
+
+
 # ------------------------------------------------------------------------------ 1. two workers, all in S3
 @pytest.mark.timeout(1200)
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_worker_run_creates_its_bucket_and_lands_in_s3(s3_server, tmp_path):
     bucket = f"t-{uuid.uuid4().hex[:16]}"  # does not exist yet: storage.create_bucket=true makes it
-    run = train(tmp_path, "two", [*SMALL, "train.epochs=2", "scaling.num_workers=2", *S3,
+    run = train(tmp_path, "two", [*TINY, "train.epochs=2", "scaling.num_workers=2", *S3,
                                   f"storage.uri=s3://{bucket}/rt", "storage.create_bucket=true", "experiment=two"])
     assert run.rc == 0, run.tail()
     assert s3_server.secret_key not in run.text, "the S3 secret key appears in the run's output"
@@ -211,7 +226,7 @@ def test_two_worker_run_creates_its_bucket_and_lands_in_s3(s3_server, tmp_path):
 
 def _splits():
     from diffmic.data import build_splits
-    cfg = compose(SMALL)
+    cfg = compose(TINY)
     return build_splits(cfg["dataset"], seed=cfg["dataset"].get("split_seed", cfg["seed"]))
 
 
@@ -261,7 +276,7 @@ def test_validation_metrics_cover_the_whole_split_across_ranks(monkeypatch):
     from diffmic.metrics import classification_metrics
     from diffmic.models import build_model
 
-    cfg = compose(SMALL)
+    cfg = compose(TINY)
     data = _splits()
     val = torch.utils.data.ConcatDataset([data.val, torch.utils.data.Subset(data.val, range(5))])  # odd length
 
@@ -323,7 +338,7 @@ def test_kill_and_resume_from_an_s3_checkpoint(s3_server, s3_bucket, tmp_path):
     from diffmic.session import LocalSession
 
     # Epochs long enough (~5x TINY's training split) that the kill lands between the first and the last one.
-    cfg_args = [*SMALL, "dataset.num_train=480", "train.epochs=3", "scaling.num_workers=1", *S3,
+    cfg_args = [*TINY, "dataset.num_train=480", "train.epochs=3", "scaling.num_workers=1", *S3,
                 f"storage.uri=s3://{s3_bucket}/rs", "experiment=kr"]
     secret, prefix = s3_server.secret_key, "rs/kr"
 
@@ -366,7 +381,7 @@ def test_kill_and_resume_from_an_s3_checkpoint(s3_server, s3_bucket, tmp_path):
     assert summary["metrics"]["final"] == 1 and summary["checkpoint"].endswith(latest)
 
     # An uninterrupted run of the same configuration (the same training loop, in this process) for comparison.
-    cfg = compose([*SMALL, "dataset.num_train=480", "train.epochs=3"])
+    cfg = compose([*TINY, "dataset.num_train=480", "train.epochs=3"])
     full = train_in_process(cfg, LocalSession(tmp_path / "uninterrupted", amp=False))
     assert [r["epoch"] for r in history] == [r["epoch"] for r in full.history] == [1, 2, 3]
     # Within noise (loose: a different data order after the restart, few examples): the final training loss within
@@ -400,7 +415,7 @@ def test_multi_node_run_puts_one_worker_on_each_raylet(s3_server, s3_bucket, tmp
         cluster.add_node(num_cpus=1, resources={"node_slot": 1})
         cluster.wait_for_nodes()
         # The CLI joins the running cluster through RAY_ADDRESS instead of starting its own.
-        run = train(tmp_path, "multi", [*SMALL, "scaling.num_workers=2", "+scaling.resources_per_worker.node_slot=1",
+        run = train(tmp_path, "multi", [*TINY, "scaling.num_workers=2", "+scaling.resources_per_worker.node_slot=1",
                                         *S3, f"storage.uri=s3://{s3_bucket}/mn", "experiment=mn"],
                     env=_env(RAY_ADDRESS=cluster.address))
         assert run.rc == 0, run.tail()
@@ -446,7 +461,7 @@ def test_bad_storage_input_is_one_line_before_training(case, s3_server, s3_bucke
         needles = ("cannot reach S3 endpoint", env["AWS_ENDPOINT_URL"])
     before = objects(s3_server, s3_bucket)
     try:
-        run = train(tmp_path, case, [*SMALL, "scaling.num_workers=1", *S3, f"storage.uri=s3://{bucket}/bad",
+        run = train(tmp_path, case, [*TINY, "scaling.num_workers=1", *S3, f"storage.uri=s3://{bucket}/bad",
                                      "experiment=bad"], env=env, timeout=300)
     finally:
         if closed is not None:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -26,6 +27,41 @@ from diffmic.session import Session
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE")
 RESULT_FILE = "result.json"
+# Rank 0 stages each checkpoint here before `ray.train.report` persists it. A worker killed from outside (an ASHA stop,
+# a lost node, a preempted trial) never reaches `finish()`, so its directory is swept by the next worker on that node.
+SCRATCH_PREFIX = "diffmic-ckpt-"
+
+
+def sweep_orphaned_scratch(wait_s: float = 0.0) -> None:
+    """Delete staging directories whose worker process (the PID in the name) no longer exists.
+
+    With `wait_s`, keep sweeping for up to that long while directories of live processes remain: at the end of a
+    search the workers of the trials stopped last are still being torn down.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = False
+        for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+            pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+            if not pid.isdigit():
+                continue
+            if _alive(int(pid)):
+                alive = True
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        if not alive or time.monotonic() >= deadline:
+            return
+        time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class RaySession(Session):
@@ -33,7 +69,8 @@ class RaySession(Session):
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         super().__init__(ray.train.torch.get_device(), amp)
-        self._scratch = Path(tempfile.mkdtemp(prefix="diffmic-ckpt-"))
+        sweep_orphaned_scratch()
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         self._state_dir: Path | None = None  # the latest training state written or restored (rank 0)
 
     def prepare_model(self, model):

@@ -10,7 +10,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from tune.distributed import build_trainer
+from tune.distributed import build_trainer, sweep_orphaned_scratch
 from tune.space import Param, apply, tune_space
 from tune.storage import Storage, open_storage
 
@@ -108,7 +108,6 @@ def progress_reporter(search: DatasetSearch):
 
 def run_search(search: DatasetSearch) -> tune.ResultGrid:
     """Start the dataset's experiment, or continue it from storage when it exists (finished trials stay done)."""
-    s, t = search.cfg["search"], search.cfg["train"]
     fs = search.storage.ray_filesystem()
     root = open_storage(search.storage.join(search.experiment), check=False)
     path = root.fs_path if fs is not None else root.ray_storage_path
@@ -119,14 +118,24 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
     )
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         print(f"[search] {search.dataset}: resuming {search.storage.join(search.rel)}", flush=True)
-        return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs).fit()
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+    else:
+        tuner = new_tuner(search, trainable, path, fs)
+    try:
+        return tuner.fit()
+    finally:  # trials that ASHA stopped last leave staging directories no later worker on this node will sweep
+        sweep_orphaned_scratch(wait_s=15)
+
+
+def new_tuner(search: DatasetSearch, trainable, path: str, fs) -> tune.Tuner:
+    s, t = search.cfg["search"], search.cfg["train"]
     scheduler = None
     if s["scheduler"] == "asha":
         from ray.tune.schedulers import ASHAScheduler
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=t["epochs"] // t.get("val_every", 1) or 1,
                                   grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space=tune_space(search.params),
         tune_config=tune.TuneConfig(metric=s["metric"], mode=s["mode"], search_alg=optuna_searcher(search),
@@ -138,4 +147,3 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
                                   # restarts a trial whose driver actor was lost, so the two do not multiply.
                                   failure_config=tune.FailureConfig(max_failures=s.get("trial_max_failures", 1))),
     )
-    return tuner.fit()
