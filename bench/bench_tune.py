@@ -50,9 +50,9 @@ def tune_overhead(trials: int) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from tune.runner import TRIAL_RESOURCES
+    from tune.searcher import DistinctOptunaSearch
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +61,8 @@ def tune_overhead(trials: int) -> dict:
                 config = tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
                                          reuse_actors=name.endswith("reuse_actors"))
             else:
-                searcher = ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=0)), max_concurrent=1)
+                searcher = ConcurrencyLimiter(DistinctOptunaSearch(sampler=optuna.samplers.TPESampler(seed=0)),
+                                              max_concurrent=1)
                 config = tune.TuneConfig(num_samples=trials, metric="score", mode="max", search_alg=searcher,
                                          scheduler=ASHAScheduler(max_t=1, grace_period=1))
             tuner = tune.Tuner(tune.with_resources(_empty, TRIAL_RESOURCES), param_space={"x": tune.uniform(0, 1)},

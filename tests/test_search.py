@@ -286,6 +286,40 @@ def test_valid_combinations_pass(search_cfg):
     check_against_config(parse_space(space, search_cfg), search_cfg)
 
 
+def _proposals(searcher_cls, n: int):
+    """n trials of a 6-point space, each scored by `a` alone, so that TPE soon wants the a=2 points again."""
+    import optuna
+    from ray import tune
+
+    space = {"a": tune.choice([1, 2]), "b": tune.choice(["x", "y", "z"])}
+    searcher = searcher_cls(space=space, metric="m", mode="max",
+                            sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    configs = []
+    for i in range(n):
+        config = searcher.suggest(f"t{i}")
+        configs.append((config["a"], config["b"]))
+        searcher.on_trial_complete(f"t{i}", {"m": float(config["a"])})
+    return searcher, configs
+
+
+def test_the_searcher_never_runs_a_configuration_twice():
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.searcher import REPEAT_OF, DistinctOptunaSearch
+
+    _, plain = _proposals(OptunaSearch, 6)
+    assert len(set(plain)) < 6, plain  # what the class is for: plain TPE repeats itself on a small space
+    searcher, configs = _proposals(DistinctOptunaSearch, 6)
+    assert len(set(configs)) == 6, configs
+    trials = searcher._ot_study.get_trials(deepcopy=False)
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 6
+    assert all(t.state == TrialState.FAIL for t in trials if REPEAT_OF in t.user_attrs)  # invisible to TPE
+    # An exhausted space: the seventh trial repeats a point rather than asking forever.
+    seventh = searcher.suggest("t6")
+    assert (seventh["a"], seventh["b"]) in set(configs)
+
+
 # ------------------------------------------------------------------------------- bad input: before any Ray
 BAD_INPUT = {
     "unknown dataset": (["datasets=[nope]"], "unknown dataset 'nope'"),

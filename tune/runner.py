@@ -58,7 +58,8 @@ def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
 def optuna_searcher(search: DatasetSearch):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.searcher import DistinctOptunaSearch
 
     s = search.cfg["search"]
     samplers = {
@@ -75,8 +76,8 @@ def optuna_searcher(search: DatasetSearch):
         if not db.exists() and search.storage.exists(f"{search.experiment}/optuna/{search.dataset}.db"):
             search.storage.download_file(f"{search.experiment}/optuna/{search.dataset}.db", db)  # a new driver
         storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
-    searcher = OptunaSearch(sampler=samplers[s["sampler"]](), storage=storage,
-                            study_name=f"{search.experiment}-{search.dataset}")
+    searcher = DistinctOptunaSearch(sampler=samplers[s["sampler"]](), storage=storage, seed=s["seed"],
+                                    study_name=f"{search.experiment}-{search.dataset}")
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent(search.cfg))
 
 
