@@ -1,4 +1,5 @@
 """diffmic.models: ROI selection parity, vectorised crops, DCG and denoiser behaviour."""
+import copy
 import json
 from pathlib import Path
 
@@ -132,3 +133,24 @@ def test_denoiser_output_shape_and_time_conditioning():
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(ValueError, match="backbone 'resnet_nope'"):
         Denoiser(3, 10, encoder="resnet_nope")
+
+
+def test_stacked_branches_equal_separate_denoiser_calls():
+    """One pass over the three stacked prior branches = three separate calls: outputs, weight gradients and BN
+    running statistics (each branch normalised over its own rows, statistics updated in the same order)."""
+    torch.manual_seed(0)
+    den = Denoiser(3, timesteps=10, encoder="test_resnet", feature_dim=16).train()
+    twin = copy.deepcopy(den)
+    emb = torch.randn(4, 16)
+    y_t, prior = torch.randn(3, 4, 3), torch.softmax(torch.randn(3, 4, 3), 2)
+    t = torch.tensor([1, 5, 9, 0])
+    separate = torch.stack([den(emb, y_t[i], prior[i], t) for i in range(3)])
+    stacked = twin(emb, y_t.flatten(0, 1), prior.flatten(0, 1), t.repeat(3), branches=3).view(3, 4, 3)
+    torch.testing.assert_close(stacked, separate)
+    (separate * torch.arange(36.).view(3, 4, 3)).sum().backward()
+    (stacked * torch.arange(36.).view(3, 4, 3)).sum().backward()
+    for (name, a), b in zip(den.named_parameters(), twin.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, msg=name)
+    for name, buf in den.named_buffers():
+        torch.testing.assert_close(dict(twin.named_buffers())[name], buf, msg=name)

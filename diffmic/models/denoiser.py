@@ -48,9 +48,19 @@ class Denoiser(nn.Module):
         """f(x): backbone → linear → BN, computed once per batch."""
         return self.project(self.encoder(x))
 
-    def forward(self, embedding: torch.Tensor, y_t: torch.Tensor, prior: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = F.softplus(self.bn1(self.cl1(torch.cat([y_t, prior], dim=1), t)))
-        h = embedding * h
-        h = F.softplus(self.bn2(self.cl2(h, t)))
-        h = F.softplus(self.bn3(self.cl3(h, t)))
+    def forward(self, embedding: torch.Tensor, y_t: torch.Tensor, prior: torch.Tensor, t: torch.Tensor,
+                branches: int = 1) -> torch.Tensor:
+        """ε̂ for `branches` stacked blocks of rows (e.g. the fused, global and local priors of one batch).
+
+        The blocks share one pass through the linear layers, which then read their weights once and sum the
+        branches' weight gradients inside one matmul; each block keeps BatchNorm statistics of its own, exactly as
+        separate calls would (running statistics updated block by block, in order).
+        """
+        def bn(norm: nn.BatchNorm1d, h: torch.Tensor) -> torch.Tensor:
+            return norm(h) if branches == 1 else torch.cat([norm(c) for c in h.chunk(branches)])
+
+        h = F.softplus(bn(self.bn1, self.cl1(torch.cat([y_t, prior], dim=1), t)))
+        h = (embedding * h.view(branches, *embedding.shape)).view_as(h)
+        h = F.softplus(bn(self.bn2, self.cl2(h, t)))
+        h = F.softplus(bn(self.bn3, self.cl3(h, t)))
         return self.out(h)

@@ -52,13 +52,13 @@ class DiffMIC(nn.Module):
         noise = torch.randn(y0.shape, generator=generator, device="cpu" if generator is not None else x.device)
         noise = noise.to(x.device)
         embedding = self.denoiser.encode(x)
-        q = self.schedule.q_sample
-
-        def eps(prior: torch.Tensor) -> torch.Tensor:
-            return self.denoiser(embedding, q(y0, prior, t, noise), prior, t).float()
-
-        branches = (eps(priors.global_), eps(priors.local)) if mmd_weight else (None, None)
-        return diffusion_loss(noise, eps(priors.fused), *branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths)
+        # global and local first, then fused: the order in which separate calls updated BN's running statistics
+        branches = (priors.global_, priors.local, priors.fused) if mmd_weight else (priors.fused,)
+        y_t = torch.cat([self.schedule.q_sample(y0, p, t, noise) for p in branches])
+        eps = self.denoiser(embedding, y_t, torch.cat(branches), t.repeat(len(branches)), len(branches)).float()
+        *mmd_branches, fused = eps.chunk(len(branches))
+        mmd_branches = mmd_branches or (None, None)
+        return diffusion_loss(noise, fused, *mmd_branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, phase: str = "diffusion", joint_dcg: bool = True,
                 mmd_weight: float = 0.5, mmd_bandwidths=(1.0,)) -> dict[str, torch.Tensor]:
