@@ -36,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 import diffmic  # noqa: E402,F401 — before timm: makes torchvision importable beside a CPU-only torch
 import timm  # noqa: E402
 from diffmic.diffusion import sample  # noqa: E402
+from diffmic.engine import build_optimizers  # noqa: E402
 from diffmic.models import DiffMIC, build_model, crop_rois  # noqa: E402
 
 # small = the synthetic preset (configs/preset/synthetic.yaml), paper = configs/model/diffmic.yaml on ISIC (7 classes,
@@ -110,9 +111,8 @@ def setup_bench(spec: dict, batch: int, device: torch.device) -> Bench:
     if cuda:  # as engine.train runs on CUDA (the loader's NCHW input stays as it is)
         torch.backends.cudnn.benchmark = True
         model, classifier = (m.to(memory_format=torch.channels_last) for m in (model, classifier))
-    opts = {"denoiser": torch.optim.Adam(model.denoiser.parameters(), lr=1e-3),  # as engine.train builds them
-            "dcg": torch.optim.Adam(model.dcg.parameters(), lr=2e-4, amsgrad=True),
-            "classifier": torch.optim.Adam(classifier.parameters(), lr=1e-3)}
+    opts = {**build_optimizers(model, {"lr": 1e-3, "dcg_lr": 2e-4}),  # as engine.train builds them
+            "classifier": torch.optim.Adam(classifier.parameters(), lr=1e-3, fused=True)}
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     with torch.no_grad(), autocast():
         rois = model.dcg(x).rois
