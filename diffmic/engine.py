@@ -142,7 +142,6 @@ def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session
     return out
 
 
-
 def build_optimizers(model: DiffMIC, t: dict) -> dict[str, torch.optim.Optimizer]:
     """Adam for the denoiser and (AMSGrad) for the DCG, as the official code has them.
 
@@ -155,6 +154,7 @@ def build_optimizers(model: DiffMIC, t: dict) -> dict[str, torch.optim.Optimizer
         "dcg": torch.optim.Adam(model.dcg.parameters(), lr=t["dcg_lr"], betas=(0.9, 0.999), eps=1e-8,
                                 amsgrad=t.get("dcg_amsgrad", True), fused=True),
     }
+
 
 def train(cfg: dict, session: Session | None = None) -> RunResult:
     """Train and evaluate one configuration; returns the best-validation metrics and the test metrics."""
