@@ -73,7 +73,7 @@ def timed_ray_loop(cfg: dict) -> None:
     """`tune.distributed.train_loop_per_worker` with a session that reports when the loop began and first stepped."""
     marks = {"loop_start_unix": time.time()}
     from diffmic.engine import train  # the project's imports (timm, torchvision) in a fresh worker process
-    from tune.distributed import RaySession, localize_dataset
+    from tune.distributed import RaySession, localize
 
     marks["imported_unix"] = time.time()
 
@@ -91,7 +91,7 @@ def timed_ray_loop(cfg: dict) -> None:
     cpus = (cfg["scaling"].get("resources_per_worker") or {}).get("CPU")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
-    cfg = localize_dataset({**cfg, "dataset": {**cfg["dataset"], "verify_images": False}})
+    cfg = localize({**cfg, "dataset": {**cfg["dataset"], "verify_images": False}})
     train(cfg, TimedSession(amp=cfg["train"].get("amp", True)))
 
 

@@ -112,7 +112,8 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
     verify_bundle(directory)
     config = json.loads((directory / CONFIG).read_text())
     meta = json.loads((directory / META).read_text())
-    model = build_model(config, len(meta["class_names"]), meta["preprocessing"]["image_size"])
+    model = build_model(config, len(meta["class_names"]), meta["preprocessing"]["image_size"],
+                        initial_weights=False)
     missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
     if missing or unexpected:
         raise BundleError(f"bundle {str(directory)!r}: weights do not fit the architecture in {CONFIG} "

@@ -14,7 +14,8 @@ def project_errors() -> tuple[type[BaseException], ...]:
     from diffmic.bundle import BundleError
     from diffmic.config import ConfigError
     from diffmic.data import DataError
-    errors: list[type[BaseException]] = [ConfigError, DataError, BundleError]
+    from diffmic.weights import WeightsError
+    errors: list[type[BaseException]] = [ConfigError, DataError, BundleError, WeightsError]
     try:
         from tune.storage import StorageError
         errors.append(StorageError)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffmic.diffusion import SAMPLERS, SCHEDULES
 from diffmic.metrics import SCALAR_METRICS
-from diffmic.models.dcg import ROI_MODES
+from diffmic.models.dcg import OUTPUT_STRIDES, ROI_MODES, cam_geometry
 
 
 class ConfigError(ValueError):
@@ -42,7 +42,8 @@ def validate_config(cfg: dict) -> None:
     c("train.eval_batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1")
     c("train.lr", lambda v: v > 0, "a positive learning rate")
     c("train.dcg_lr", lambda v: v > 0, "a positive learning rate")
-    c("train.warmup_epochs", lambda v: v >= 0, "a number >= 0")
+    c("train.warmup_epochs", lambda v: v is None or v >= 0, "null (train.warmup_fraction of the epochs) or a number >= 0")
+    c("train.warmup_fraction", lambda v: 0 <= v < 1, "a share of the epochs in [0, 1)")
     c("train.mmd_weight", lambda v: v >= 0, "a weight >= 0 (0 turns the MMD terms off)")
     c("train.mmd_bandwidths", lambda v: len(v) > 0 and all(b > 0 for b in v), "a non-empty list of positive numbers")
     c("train.ema_decay", lambda v: 0 <= v < 1, "a value in [0, 1)")
@@ -57,24 +58,28 @@ def validate_config(cfg: dict) -> None:
       f"null or an integer >= 1 with beta_end * beta_steps / timesteps < 1 (the rescaled beta_end, "
       f"beta_end={cfg['diffusion']['beta_end']}, timesteps={T})")
     c("diffusion.sampler", lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}")
-    c("diffusion.sample_steps", lambda v: v is None or (_int(v) and 1 <= v <= T),
-      f"null (all {T} steps) or an integer in 1..{T} (diffusion.timesteps)")
+    if cfg["diffusion"]["sampler"] == "official" and cfg["diffusion"]["beta_steps"]:
+        ref = cfg["diffusion"]["beta_steps"]  # the official start counts on the reference chain, scaled to T
+        c("diffusion.sample_steps", lambda v: v is None or (_int(v) and 1 <= v <= ref),
+          f"null (the whole chain) or an official start in 1..{ref} (counted on the diffusion.beta_steps chain, "
+          f"scaled to timesteps={T})")
+    else:
+        c("diffusion.sample_steps", lambda v: v is None or (_int(v) and 1 <= v <= T),
+          f"null (all {T} steps) or an integer in 1..{T} (diffusion.timesteps)")
     c("diffusion.eta", lambda v: 0 <= v <= 1, "a value in [0, 1]")
     c("diffusion.num_samples", lambda v: _int(v) and v >= 1, "an integer >= 1")
     c("model.dcg.roi_count", lambda v: _int(v) and v >= 1, "an integer >= 1")
-    c("model.dcg.crop_size", lambda v: _int(v) and 1 <= v <= cfg["dataset"]["image_size"],
-      f"an integer in 1..{cfg['dataset']['image_size']} (dataset.image_size)")
+    c("model.dcg.output_stride", lambda v: v is None or v in OUTPUT_STRIDES,
+      f"null (chosen from the image size) or one of {', '.join(map(str, OUTPUT_STRIDES))}")
+    c("model.dcg.crop_size", lambda v: v is None or (_int(v) and 1 <= v <= cfg["dataset"]["image_size"]),
+      f"null (one CAM cell) or an integer in 1..{cfg['dataset']['image_size']} (dataset.image_size)")
     c("model.dcg.roi_mode", lambda v: v in ROI_MODES, f"one of {', '.join(ROI_MODES)}")
     c("model.dcg.crop_channels", lambda v: v in ("rgb", "red"), "'rgb' or 'red'")
     c("model.dcg.fusion_weight", lambda v: 0 <= v <= 1, "a value in [0, 1]")
     c("model.dcg.top_t", lambda v: 0 < v <= 1, "a fraction in (0, 1]")
     c("model.denoiser.feature_dim", lambda v: _int(v) and v >= 1, "an integer >= 1")
-    # The CAM grid of a timm CNN is image_size / output_stride; K cannot exceed the crop positions on it
-    # (the model checks the exact grid again when it is built).
     size, dcg = cfg["dataset"]["image_size"], cfg["model"]["dcg"]
-    grid = max(1, -(-size // dcg.get("output_stride", 32)))
-    window = max(1, round(dcg["crop_size"] * grid / size))
-    positions = max(1, grid - window + 1) ** 2
-    c("model.dcg.roi_count", lambda v: v <= positions,
-      f"at most {positions} (crop positions on the {grid}x{grid} CAM at dataset.image_size={size}, "
-      f"output_stride={dcg.get('output_stride', 32)}, crop_size={dcg['crop_size']})")
+    geo = cam_geometry(size, dcg["output_stride"], dcg["crop_size"])
+    c("model.dcg.roi_count", lambda v: v <= geo.positions,
+      f"at most {geo.positions} (crop positions on the {geo.grid}x{geo.grid} CAM at dataset.image_size={size}, "
+      f"output_stride={geo.stride}, crop_size={geo.crop_size})")

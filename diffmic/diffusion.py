@@ -67,6 +67,7 @@ class NoiseSchedule:
         if not 0 < beta_start < beta_end < 1 and name not in ("jsd", "cosine", "cosine_reverse", "const"):
             raise ValueError(f"diffusion beta range [{beta_start}, {beta_end}]: expected 0 < beta_start < beta_end < 1")
         self.name, self.timesteps = name, timesteps
+        self.reference_steps = beta_steps or timesteps  # the chain length that β and the official start refer to
         betas = make_beta_schedule(name, timesteps, beta_start, beta_end)
         alphas = 1 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
@@ -109,6 +110,11 @@ class NoiseSchedule:
         out.device, out.dtype = device, dtype
         return out
 
+    def official_start(self, steps: int) -> int:
+        """The official sampler's start index for this chain: `steps` counts on the reference chain (the paper's
+        250 of 1000 for ISIC) and scales to T as β does, so the chain starts equally noisy for every T."""
+        return max(1, min(self.timesteps, round(steps * self.timesteps / self.reference_steps)))
+
     @staticmethod
     def _at(array: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return array.gather(0, t.to(array.device)).view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
@@ -150,17 +156,22 @@ def sample(schedule: NoiseSchedule, eps_fn: EpsFn, prior: torch.Tensor, sampler:
            steps: int | None = None, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Run a reverse chain from the prior and return the y0 estimate (N×C).
 
-    official: the official truncated chain — starts at index steps−1 of the T-step schedule from ŷ + N(0, I) and
-              steps down one index at a time (steps=T is the full DDPM chain, what `ddpm` runs).
+    official: the official truncated chain — starts at index s−1 of the T-step schedule from ŷ + N(0, I) and
+              steps down one index at a time; `steps` counts on the reference chain (`beta_steps`), s = its share
+              of T (`NoiseSchedule.official_start`; s = steps when T is the reference length).
     ddpm:     the full ancestral chain over all T indices.
     ddim:     `steps` respaced indices from T−1 to 0, deterministic for eta=0.
     """
     T = schedule.timesteps
     if sampler not in SAMPLERS:
         raise ValueError(f"diffusion.sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    steps = T if (sampler == "ddpm" or steps is None) else int(steps)
-    if not 1 <= steps <= T:
-        raise ValueError(f"diffusion.sample_steps={steps}: expected 1..{T} (diffusion.timesteps)")
+    limit = schedule.reference_steps if sampler == "official" else T
+    steps = limit if (sampler == "ddpm" or steps is None) else int(steps)
+    if not 1 <= steps <= limit:
+        raise ValueError(f"diffusion.sample_steps={steps}: expected 1..{limit} "
+                         f"({'diffusion.beta_steps' if sampler == 'official' and limit != T else 'diffusion.timesteps'})")
+    if sampler == "official":
+        steps = schedule.official_start(steps)
 
     def randn() -> torch.Tensor:
         return torch.randn(prior.shape, generator=generator, device=prior.device, dtype=prior.dtype)

@@ -47,10 +47,17 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def warmup_epochs(train_cfg: dict) -> float:
+    """`warmup_epochs` when given, else `warmup_fraction` of the epoch budget (the paper's 40 of 1000 epochs), so a
+    short run leaves its warm-up as the paper's long one does."""
+    given = train_cfg.get("warmup_epochs")
+    return float(given) if given is not None else train_cfg.get("warmup_fraction", 0.0) * train_cfg["epochs"]
+
+
 def learning_rate(train_cfg: dict, epoch: float) -> float:
     """Linear warm-up to `lr`, then a half-cycle cosine to `min_lr` at the last epoch (fractional epochs)."""
     lr, min_lr = train_cfg["lr"], train_cfg.get("min_lr", 0.0)
-    warmup, total = train_cfg.get("warmup_epochs", 0), train_cfg["epochs"]
+    warmup, total = warmup_epochs(train_cfg), train_cfg["epochs"]
     if epoch < warmup:
         return lr * epoch / warmup
     span = max(total - warmup, 1e-8)

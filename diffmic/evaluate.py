@@ -32,7 +32,7 @@ def load_for_evaluation(path: str | Path, overrides: list[str]):
     elif (path / STATE_FILE).is_file() or (path / "checkpoint" / STATE_FILE).is_file():
         state = load_state(path if (path / STATE_FILE).is_file() else path / "checkpoint")
         cfg = state["config"]
-        model = build_model(cfg, len(state["class_names"]), cfg["dataset"]["image_size"])
+        model = build_model(cfg, len(state["class_names"]), cfg["dataset"]["image_size"], initial_weights=False)
         model.load_state_dict(state["model"])
         weights = state.get("best_weights") or (state["ema"]["shadow"] if state.get("ema") else None)
         if weights:

@@ -18,11 +18,16 @@ def run(cfg: dict) -> dict:
     from diffmic.config import validate_config
     from diffmic.engine import train
     from diffmic.session import LocalSession
+    from diffmic.weights import check_pretrained
 
     validate_config(cfg)
     if cfg["scaling"]["num_workers"] >= 1:
         from tune.distributed import fit  # Ray is only needed here
         return fit(cfg)
+    if "s3://" in json.dumps([cfg["dataset"].get("root"), cfg["model"]]):
+        from tune.distributed import localize  # data or weights in S3: boto3 is only needed here
+        cfg = localize(cfg)
+    check_pretrained(cfg["model"])  # before anything is written or read: never a silent random start
     output = Path(cfg["output_dir"]).resolve()
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(cfg, indent=1))

@@ -30,7 +30,8 @@ def test_search_preset_applies_to_searches_only():
 def test_dataset_preset_follows_the_dataset():
     assert compose([])["model"]["dcg"]["backbone"] == "resnet18"  # synthetic preset
     isic = compose(["dataset=isic2018"])
-    assert isic["model"]["dcg"]["backbone"] == "resnet50" and isic["diffusion"]["sample_steps"] == 250
+    assert isic["model"]["dcg"]["backbone"] == "resnet50.tv_in1k" and isic["model"]["dcg"]["pretrained"] is True
+    assert isic["diffusion"]["sample_steps"] == 250
     assert isic["model"]["denoiser"]["feature_dim"] == 6144 and isic["train"]["epochs"] == 1000
 
 
@@ -47,7 +48,7 @@ def test_search_config_has_the_default_space():
     ("train.epochs=0", "train.epochs=0: expected an integer >= 1"),
     ("diffusion.schedule=nope", "diffusion.schedule='nope': expected one of linear"),
     ("train.mmd_weight=-1", "train.mmd_weight=-1: expected a weight >= 0"),
-    ("model.dcg.crop_size=100", "model.dcg.crop_size=100: expected an integer in 1..64"),
+    ("model.dcg.crop_size=100", "model.dcg.crop_size=100: expected null (one CAM cell) or an integer in 1..64"),
 ])
 def test_impossible_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as e:

@@ -270,6 +270,9 @@ def test_yaml_defaults_match_code():
     yaml = pytest.importorskip("yaml")
     for f in sorted((Path(__file__).parents[1] / "configs" / "dataset").glob("*.yaml")):
         d = yaml.safe_load(f.read_text())
+        if f.stem.endswith("_pkl"):  # the official lists of a dataset: the pkl reader with that dataset's settings
+            assert d["name"] == "pkl" and resolve_config(d)["class_names"], f
+            continue
         assert d["name"] == f.stem
         assert resolve_config(d) == resolve_config({"name": d["name"]}), f
 

@@ -100,7 +100,7 @@ def test_cli_train_and_evaluate(tmp_path):
 
 def test_cli_bad_input_is_one_line_before_training(tmp_path):
     r = subprocess.run([sys.executable, "-m", "diffmic.train", f"output_dir={tmp_path}/x", "dataset=folder",
-                        f"dataset.root={tmp_path}/missing"], capture_output=True, text=True, timeout=120)
+                        "model.dcg.pretrained=false", f"dataset.root={tmp_path}/missing"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "missing" in lines[0] and lines[0].startswith("diffmic.train: error:")

@@ -328,6 +328,10 @@ BAD_INPUT = {
     "unknown metric": (["search.metric=val_nope"], "search.metric='val_nope': expected a reported validation metric"),
     "inverted range": (["+search.space.lr={key:train.lr,loguniform:[0.002,0.0003]}"], "empty or inverted range"),
     "storage unreachable": (["storage=s3", "storage.uri=s3://bkt/p"], "cannot reach"),
+    "root of a dataset not searched": (["roots.isic2018=/data/isic"], "roots.isic2018='/data/isic': 'isic2018' is not"),
+    "missing root names its dataset": (["datasets=[synthetic,isic2018]", "roots.isic2018=/nonexistent/isic",
+                                        "model.dcg.pretrained=false"],
+                                       "dataset isic2018 (roots.isic2018=/nonexistent/isic): dataset root not found"),
 }
 
 
@@ -342,7 +346,8 @@ def test_bad_input_fails_before_ray(case, ray_tmp, tmp_path):
                "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
     else:
         args = [*args, f"storage.uri={tmp_path / 'results'}"]
-    run = _search(tiny(*args), ray_tmp, "bad.log", timeout=300, **env)
+    plain = case == "missing root names its dataset"  # TINY's synthetic-only keys do not compose for ISIC
+    run = _search(args if plain else tiny(*args), ray_tmp, "bad.log", timeout=300, **env)
     errors = [line for line in run.out.splitlines() if ERROR_PREFIX in line]
     assert run.rc == 2, f"rc {run.rc}, expected 2:\n{run.tail()}"
     assert len(errors) == 1 and expected in errors[0], run.tail()

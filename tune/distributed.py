@@ -22,6 +22,7 @@ import torch
 import diffmic  # noqa: F401 — applies the torchvision import fix in every worker process
 from diffmic.checkpoint import METRICS_FILE, STATE_FILE, to_jsonable, write_checkpoint_files
 from diffmic.session import Session
+from diffmic.weights import STREAMS
 
 # Variables a worker needs to reach storage; passed explicitly when joining an existing cluster.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -139,7 +140,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     if cpus:  # one intra-op thread per reserved CPU: oversubscribed OpenMP threads slow every worker down
         torch.set_num_threads(max(1, int(cpus)))
     # The driver already verified every image; workers only read them.
-    cfg = localize_dataset({**cfg, "dataset": {**cfg["dataset"], "verify_images": False}})
+    cfg = localize({**cfg, "dataset": {**cfg["dataset"], "verify_images": False}})
     train(cfg, RaySession(amp=cfg["train"].get("amp", True)))
 
 
@@ -206,6 +207,8 @@ def fit(cfg: dict) -> dict:
     if storage.list(name) and not cfg.get("resume", False):
         raise ValueError(f"experiment={name!r} already exists under {storage.uri}: pass resume=true to continue it "
                          f"or choose another experiment name (nothing was overwritten)")
+    from diffmic.weights import check_pretrained
+    check_pretrained(localize(cfg)["model"])  # here, before Ray: every worker must be able to get them too
     init_ray(cfg)
     result = build_trainer(cfg, storage, name).fit()
     if result.error:
@@ -217,12 +220,21 @@ def fit(cfg: dict) -> dict:
     return summary
 
 
-def localize_dataset(cfg: dict) -> dict:
-    """A dataset under s3:// is downloaded once per node into a local cache; the config then points there and
-    keeps the URI as `origin_root`, so a checkpoint's config still names data every node can reach."""
-    root = cfg["dataset"].get("origin_root") or cfg["dataset"].get("root")
-    if not (isinstance(root, str) and root.startswith("s3://")):
-        return cfg
+def localize(cfg: dict) -> dict:
+    """Inputs under s3:// are downloaded once per node into a local cache and the config points there.
+
+    The dataset keeps its URI as `origin_root`, so a checkpoint's config still names data every node can reach.
+    Backbone weights files (`model.<stream>.weights`) only initialise a run, so their local path is enough.
+    """
     from tune.storage import materialize
-    cache = Path(os.environ.get("DIFFMIC_CACHE", Path.home() / ".cache" / "diffmic")) / "datasets"
-    return {**cfg, "dataset": {**cfg["dataset"], "root": str(materialize(root, cache)), "origin_root": root}}
+    cache = Path(os.environ.get("DIFFMIC_CACHE", Path.home() / ".cache" / "diffmic"))
+    root = cfg["dataset"].get("origin_root") or cfg["dataset"].get("root")
+    if isinstance(root, str) and root.startswith("s3://"):
+        cfg = {**cfg, "dataset": {**cfg["dataset"], "root": str(materialize(root, cache / "datasets")),
+                                  "origin_root": root}}
+    for stream in STREAMS:
+        weights = cfg["model"][stream].get("weights")
+        if isinstance(weights, str) and weights.startswith("s3://"):
+            local = str(materialize(weights, cache / "weights"))
+            cfg = {**cfg, "model": {**cfg["model"], stream: {**cfg["model"][stream], "weights": local}}}
+    return cfg

@@ -77,15 +77,15 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
     from diffmic.engine import evaluate
     from diffmic.models import build_model
     from diffmic.session import Session
-    from tune.distributed import localize_dataset
+    from tune.distributed import localize
 
     with tempfile.TemporaryDirectory() as tmp:
         state = load_state(open_storage(checkpoint_uri, check=False).download_dir("", Path(tmp) / "checkpoint"))
     cfg = state["config"]
     if cfg["dataset"].get("origin_root"):  # the worker's local cache path may not exist here
         cfg = {**cfg, "dataset": {**cfg["dataset"], "root": cfg["dataset"]["origin_root"]}}
-    data = build_splits(localize_dataset(cfg)["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
-    model = build_model(cfg, data.num_classes, cfg["dataset"]["image_size"])
+    data = build_splits(localize(cfg)["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
+    model = build_model(cfg, data.num_classes, cfg["dataset"]["image_size"], initial_weights=False)
     model.load_state_dict(state["model"])
     if state.get("best_weights"):
         model.load_state_dict(state["best_weights"])

@@ -51,6 +51,13 @@ def check_search(cfg: dict, known: list[str] | None = None) -> None:
         if name not in known:
             raise SearchError(f"datasets: unknown dataset {name!r}: expected one of {', '.join(known)} "
                               f"(or a file configs/dataset/{name}.yaml)")
+    roots = cfg.get("roots") or {}
+    if not isinstance(roots, dict):
+        raise SearchError(f"roots={roots!r}: expected a mapping of dataset name to root, e.g. roots.isic2018=/data/isic")
+    for name, root in roots.items():
+        if name not in datasets:
+            raise SearchError(f"roots.{name}={root!r}: {name!r} is not searched; expected one of datasets="
+                              f"[{', '.join(datasets)}]")
     if not str(cfg["experiment"]).replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise SearchError(f"experiment={cfg['experiment']!r}: expected letters, digits, '-', '_' or '.'")
 
@@ -67,15 +74,12 @@ def known_datasets(overrides: list[str]) -> list[str] | None:
 
 
 def plan(cfg: dict, overrides: list[str]):
-    """Every check a search needs, before Ray starts: search knobs, storage, each dataset's config, space, data."""
+    """Every check a search needs, before Ray starts: search knobs, storage, each dataset's config, space, weights,
+    data. Each dataset composes its own config (its preset and search preset) and gets its own root."""
     from hydra import compose
 
-    from diffmic.config import validate_config
-    from diffmic.data import build_splits
-    from tune.distributed import localize_dataset
-    from tune.runner import DatasetSearch
-    from tune.space import SearchError, check_against_config, parse_space
-    from tune.storage import open_storage
+    from tune.space import SearchError
+    from tune.storage import StorageError, open_storage
 
     check_search(cfg, known_datasets(overrides))
     storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"].get("create_bucket", False))
@@ -85,15 +89,40 @@ def plan(cfg: dict, overrides: list[str]):
     searches = []
     for name in cfg["datasets"]:
         dcfg = to_plain(compose(config_name="search", overrides=[*kept, f"dataset={name}"]))
-        validate_config(dcfg)
-        params = parse_space(dcfg["search"]["space"], dcfg)
-        check_against_config(params, dcfg)
-        data = build_splits(localize_dataset(dcfg)["dataset"], seed=dcfg["dataset"].get("split_seed", dcfg["seed"]))
-        print(f"[search] {name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
-              f"{data.num_classes} classes; {len(params)} parameters, {dcfg['search']['num_samples']} trials",
-              flush=True)
-        searches.append(DatasetSearch(name, dcfg, params, storage, cfg["experiment"]))
+        root = (cfg.get("roots") or {}).get(name)
+        if root is not None:
+            dcfg["dataset"]["root"] = str(root)
+        where = f"roots.{name}" if root is not None else "dataset.root"
+        try:
+            searches.append(plan_dataset(name, dcfg, storage, cfg["experiment"]))
+        except (ValueError, FileNotFoundError, StorageError) as e:  # one line naming the dataset it belongs to
+            message = f"dataset {name} ({where}={dcfg['dataset']['root']}): {e}"
+            try:
+                error = type(e)(message)
+            except TypeError:  # an exception type that takes more than a message
+                error = SearchError(message)
+            raise error from None
     return storage, searches
+
+
+def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
+    from diffmic.config import validate_config
+    from diffmic.data import build_splits
+    from diffmic.weights import check_pretrained
+    from tune.distributed import localize
+    from tune.runner import DatasetSearch
+    from tune.space import check_against_config, parse_space
+
+    validate_config(dcfg)
+    params = parse_space(dcfg["search"]["space"], dcfg)
+    check_against_config(params, dcfg)
+    local = localize(dcfg)  # s3:// data and weights into this node's cache (they must exist)
+    check_pretrained(local["model"])  # cheap, so before the images are read
+    data = build_splits(local["dataset"], seed=dcfg["dataset"].get("split_seed", dcfg["seed"]))
+    print(f"[search] {name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
+          f"{data.num_classes} classes; {len(params)} parameters, {dcfg['search']['num_samples']} trials",
+          flush=True)
+    return DatasetSearch(name, dcfg, params, storage, experiment)
 
 
 def write_table(storage, rel: str, frame) -> None:
@@ -189,6 +218,8 @@ def main() -> None:
             searchpath = [o for o in hc.overrides.hydra if o.startswith("hydra.searchpath=")]
             search(to_plain(cfg), [*hc.overrides.task, *searchpath])
 
+    # `roots` starts empty, and Hydra refuses new keys in a composed config: `roots.NAME=PATH` is taken as `++roots…`
+    sys.argv = [f"++{a}" if a.startswith("roots.") else a for a in sys.argv]
     _main()
 
 

@@ -27,7 +27,7 @@ PER_DATASET = {
     "pkl": {"train_list": None, "test_list": None, "path_remap": {"from": "./dataset/isic2018/", "to": None},
             "num_classes": None},
     "folder": {"train_dir": "train", "test_dir": "test"},
-    "csv": {"train_csv": None, "test_csv": None, "image_column": "image", "label_column": "label"},
+    "csv": {"train_csv": "train.csv", "test_csv": None, "image_column": "image", "label_column": "label"},
 }
 KNOWN = tuple(PER_DATASET)
 

@@ -16,6 +16,32 @@ from torch import nn
 from diffmic.models.backbone import create_backbone
 
 ROI_MODES = ("distinct", "official")
+OUTPUT_STRIDES = (32, 16, 8)  # what timm's ResNets offer (dilation below 32)
+MIN_GRID = 3  # an automatic stride keeps at least a 3x3 CAM: 9 crop positions, room for every K the search tries
+
+
+@dataclass(frozen=True)
+class CamGeometry:
+    stride: int      # backbone output stride
+    grid: int        # CAM side, image_size / stride rounded up (timm's ResNets pad)
+    crop_size: int   # crop side in pixels
+    window: int      # crop side in CAM cells
+    positions: int   # distinct upper-left crop cells on the CAM
+
+
+def cam_geometry(image_size: int, output_stride: int | None = None, crop_size: int | None = None,
+                 grid: int | None = None) -> CamGeometry:
+    """The one rule that sizes the local stream (config checks and the model both use it).
+
+    output_stride null: 32, the paper's (7x7 CAM at 224 px), unless the image is too small for a 3x3 CAM; then the
+    largest of 16, 8 that gives one. crop_size null: one CAM cell, image_size / grid (the paper's 32 px at 224).
+    `grid` is the CAM side the built backbone really has, when known.
+    """
+    stride = output_stride or next((s for s in OUTPUT_STRIDES if -(-image_size // s) >= MIN_GRID), OUTPUT_STRIDES[-1])
+    grid = grid or max(1, -(-image_size // stride))
+    crop = crop_size or max(1, round(image_size / grid))
+    window = max(1, round(crop * grid / image_size))
+    return CamGeometry(stride, grid, crop, window, max(1, grid - window + 1) ** 2)
 
 
 @dataclass
@@ -105,13 +131,13 @@ class GatedAttentionPool(nn.Module):
 class DCG(nn.Module):
     def __init__(self, num_classes: int, image_size: int, backbone: str = "resnet50",
                  local_backbone: str | None = None, pretrained: bool = False, weights: str | None = None,
-                 output_stride: int = 32, roi_count: int = 6, crop_size: int = 32, top_t: float = 1.0,
+                 output_stride: int | None = 32, roi_count: int = 6, crop_size: int | None = 32, top_t: float = 1.0,
                  roi_mode: str = "distinct", crop_channels: str = "rgb", fusion_weight: float = 0.5,
                  attention_dim: int = 128):
         super().__init__()
         if crop_channels not in ("rgb", "red"):
             raise ValueError(f"model.dcg.crop_channels={crop_channels!r}: expected 'rgb' or 'red'")
-        if not 0 < crop_size <= image_size:
+        if crop_size is not None and not 0 < crop_size <= image_size:
             raise ValueError(f"model.dcg.crop_size={crop_size}: expected 1..{image_size} (the image size)")
         if not 0 < top_t <= 1:
             raise ValueError(f"model.dcg.top_t={top_t}: expected a fraction in (0, 1]")
@@ -119,11 +145,12 @@ class DCG(nn.Module):
             raise ValueError(f"model.dcg.roi_mode={roi_mode!r}: expected one of {', '.join(ROI_MODES)}")
         if roi_count < 1:
             raise ValueError(f"model.dcg.roi_count={roi_count}: expected >= 1")
-        self.image_size, self.crop_size, self.roi_count = image_size, crop_size, roi_count
+        geometry = cam_geometry(image_size, output_stride, crop_size)
+        self.image_size, self.roi_count = image_size, roi_count
         self.top_t, self.roi_mode, self.crop_channels = top_t, roi_mode, crop_channels
         self.fusion_weight = fusion_weight
         self.global_net = create_backbone(backbone, pooled=False, pretrained=pretrained, weights=weights,
-                                          output_stride=output_stride)
+                                          output_stride=geometry.stride)
         self.local_net = create_backbone(local_backbone or backbone, pooled=True, pretrained=pretrained,
                                          weights=weights)
         self.saliency = nn.Conv2d(self.global_net.num_features, num_classes, 1, bias=False)
@@ -134,11 +161,11 @@ class DCG(nn.Module):
             self.global_net.eval()
             self.grid = self.global_net(torch.zeros(1, 3, image_size, image_size)).shape[-1]
             self.global_net.train(was_training)
-        self.window = max(1, round(crop_size * self.grid / image_size))
-        positions = (self.grid - self.window + 1) ** 2
-        if roi_count > positions:
-            raise ValueError(f"model.dcg.roi_count={roi_count}: expected at most {positions} (crop positions on the "
-                             f"{self.grid}x{self.grid} CAM for crop_size={crop_size} at {image_size} px)")
+        geometry = cam_geometry(image_size, geometry.stride, crop_size, grid=self.grid)
+        self.crop_size, self.window = geometry.crop_size, geometry.window
+        if roi_count > geometry.positions:
+            raise ValueError(f"model.dcg.roi_count={roi_count}: expected at most {geometry.positions} (crop positions "
+                             f"on the {self.grid}x{self.grid} CAM for crop_size={self.crop_size} at {image_size} px)")
 
     def forward(self, x: torch.Tensor) -> DCGOutput:
         cam = self.saliency(self.global_net(x))

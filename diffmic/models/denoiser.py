@@ -32,7 +32,8 @@ class Denoiser(nn.Module):
         super().__init__()
         if feature_dim < 1:
             raise ValueError(f"model.denoiser.feature_dim={feature_dim}: expected a positive integer")
-        self.encoder = create_backbone(encoder, pooled=True, pretrained=pretrained, weights=weights)
+        self.encoder = create_backbone(encoder, pooled=True, pretrained=pretrained, weights=weights,
+                                       stream="denoiser")
         self.project = nn.Sequential(nn.Linear(self.encoder.num_features, feature_dim), nn.BatchNorm1d(feature_dim))
         # f(x) gates the label path multiplicatively and BN centres it, so at the official init (bias 0) the gate is
         # closed on average and label information passes only once the bias has grown. Starting at 1 opens it:

@@ -105,19 +105,25 @@ class DiffMIC(nn.Module):
         return Prediction(mean, priors.fused, entropy, std)
 
 
-def build_model(cfg: dict, num_classes: int, image_size: int) -> DiffMIC:
-    """The model described by the `model` and `diffusion` config sections (plain dicts)."""
+def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: bool = True) -> DiffMIC:
+    """The model described by the `model` and `diffusion` config sections (plain dicts).
+
+    `initial_weights=False` skips the pretrained / weights-file initialisation: for loading trained weights.
+    """
     m, d = cfg["model"], cfg["diffusion"]
     dcg_cfg, den_cfg = m["dcg"], m["denoiser"]
+
+    def init(c: dict) -> dict:
+        return {"pretrained": bool(c.get("pretrained")) and initial_weights,
+                "weights": c.get("weights") if initial_weights else None}
+
     dcg = DCG(num_classes, image_size, backbone=dcg_cfg["backbone"], local_backbone=dcg_cfg.get("local_backbone"),
-              pretrained=dcg_cfg.get("pretrained", False), weights=dcg_cfg.get("weights"),
-              output_stride=dcg_cfg.get("output_stride", 32), roi_count=dcg_cfg["roi_count"],
-              crop_size=dcg_cfg["crop_size"], top_t=dcg_cfg.get("top_t", 1.0),
+              **init(dcg_cfg), output_stride=dcg_cfg.get("output_stride"), roi_count=dcg_cfg["roi_count"],
+              crop_size=dcg_cfg.get("crop_size"), top_t=dcg_cfg.get("top_t", 1.0),
               roi_mode=dcg_cfg.get("roi_mode", "distinct"), crop_channels=dcg_cfg.get("crop_channels", "rgb"),
               fusion_weight=dcg_cfg.get("fusion_weight", 0.5))
     denoiser = Denoiser(num_classes, d["timesteps"], encoder=den_cfg["encoder"], feature_dim=den_cfg["feature_dim"],
-                        pretrained=den_cfg.get("pretrained", False), weights=den_cfg.get("weights"),
-                        embedding_bias=den_cfg.get("embedding_bias", 0.0))
+                        **init(den_cfg), embedding_bias=den_cfg.get("embedding_bias", 0.0))
     schedule = NoiseSchedule(d["schedule"], d["timesteps"], d.get("beta_start", 1e-4), d.get("beta_end", 0.02),
                              beta_steps=d.get("beta_steps"))
     return DiffMIC(dcg, denoiser, schedule, num_classes)
