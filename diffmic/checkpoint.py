@@ -62,3 +62,28 @@ def load_state(directory: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint {str(directory)!r}: no {STATE_FILE} inside (expected a checkpoint "
                                 f"directory written by diffmic)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def evaluation_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint is evaluated and exported with: those of its best validation epoch (EMA-averaged when
+    the run keeps an EMA). A checkpoint whose own epoch is the best stores them as its model + EMA shadow."""
+    if state.get("best_weights") is not None:
+        return state["best_weights"]
+    best_epoch = (state.get("best") or {}).get("epoch", state["epoch"])
+    if best_epoch not in (0, state["epoch"]):
+        raise ValueError(f"checkpoint of epoch {state['epoch']} lacks the weights of its best epoch {best_epoch}")
+    weights = dict(state["model"])
+    if state.get("ema"):
+        weights.update(state["ema"]["shadow"])
+    return weights
+
+
+def load_eval_model(state: dict, num_classes: int | None = None):
+    """The model a checkpoint state is evaluated and exported with (its config, its best epoch's weights): the one
+    way from a checkpoint to an evaluation model (evaluate, the search's test and export, the tests)."""
+    from diffmic.models import build_model
+    cfg = state["config"]
+    model = build_model(cfg, num_classes or len(state["class_names"]), cfg["dataset"]["image_size"],
+                        initial_weights=False)
+    model.load_state_dict(evaluation_weights(state))
+    return model

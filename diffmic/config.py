@@ -2,7 +2,7 @@
 cluster work starts. Each problem is one line naming the key, the value and what is expected."""
 from __future__ import annotations
 
-from diffmic.diffusion import SAMPLERS, SCHEDULES
+from diffmic.diffusion import SAMPLERS, USABLE_SCHEDULES
 from diffmic.metrics import SCALAR_METRICS
 from diffmic.models.dcg import OUTPUT_STRIDES, ROI_MODES, cam_geometry
 
@@ -49,8 +49,12 @@ def validate_config(cfg: dict) -> None:
     c("train.ema_decay", lambda v: 0 <= v < 1, "a value in [0, 1)")
     c("train.val_every", lambda v: _int(v) and v >= 1, "an integer >= 1")
     c("train.select_metric", lambda v: v in SCALAR_METRICS, f"one of {', '.join(SCALAR_METRICS)}")
+    c("train.select_mode", lambda v: v in ("max", "min"), "max or min")
+    c("train.guidance", lambda v: v in ("eval", "shared"), "eval (official: priors from the DCG in eval mode) or shared")
     c("diffusion.timesteps", lambda v: _int(v) and v >= 2, "an integer >= 2")
-    c("diffusion.schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
+    c("diffusion.schedule", lambda v: v in USABLE_SCHEDULES,
+      f"one of {', '.join(USABLE_SCHEDULES)}" + (" (jsd ends at alpha_bar = 0, where the reverse chain divides by "
+                                                  "zero)" if cfg["diffusion"]["schedule"] == "jsd" else ""))
     c("diffusion.beta_start", lambda v: 0 < v < 1, "a value in (0, 1)")
     c("diffusion.beta_end", lambda v: cfg["diffusion"]["beta_start"] < v < 1, "a value in (beta_start, 1)")
     T = cfg["diffusion"]["timesteps"]

@@ -6,7 +6,9 @@ prior ŷ given by the guidance network:
     y_t = √ᾱ_t · y0 + (1 − √ᾱ_t) · ŷ + √(1 − ᾱ_t) · ε
 
 Arrays are indexed t = 0..T−1 as in the official code (index 0 is the paper's t = 1). Schedule arrays are built in
-float64 and cast once to the working dtype, so the float64 path matches the official numbers to ~1e-10.
+float64 and cast once to the working dtype. Pinned against numbers from the official code (tests/data/): β and ᾱ of
+every schedule to ~1e-10, and the posterior coefficients, one reverse step and the sampling loop for the linear
+schedule, the only one with official vectors; for the others those follow the same formulas, unpinned.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from typing import Callable
 import torch
 
 SCHEDULES = ("linear", "const", "quad", "jsd", "sigmoid", "cosine", "cosine_reverse", "cosine_anneal")
+# jsd's last β is 1: ᾱ = 0 at t = T and the first reverse step divides by it (NaN). Kept for parity, never run.
+USABLE_SCHEDULES = tuple(s for s in SCHEDULES if s != "jsd")
 SAMPLERS = ("official", "ddpm", "ddim")
 
 # eps_fn(y_t, prior, t) -> predicted noise; t is a LongTensor of shape (N,)
@@ -62,6 +66,10 @@ class NoiseSchedule:
                  beta_steps: int | None = None):
         if timesteps < 2:
             raise ValueError(f"diffusion.timesteps={timesteps}: expected an integer >= 2")
+        if name not in USABLE_SCHEDULES:
+            raise ValueError(f"diffusion.schedule={name!r}: expected one of {', '.join(USABLE_SCHEDULES)}"
+                             + (" (jsd ends at alpha_bar = 0, where the reverse chain divides by zero)"
+                                if name == "jsd" else ""))
         if beta_steps:  # the range is given for a beta_steps-long chain: rescale so y_T is as noisy for every T
             beta_start, beta_end = (b * beta_steps / timesteps for b in (beta_start, beta_end))
         if not 0 < beta_start < beta_end < 1 and name not in ("jsd", "cosine", "cosine_reverse", "const"):
@@ -72,7 +80,7 @@ class NoiseSchedule:
         alphas = 1 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
         one_minus_bar_sqrt = torch.sqrt(1 - alphas_cumprod)
-        if name == "cosine":  # the official trainer shrinks this for 'cosine' only (keeps t=T−1 finite)
+        if name == "cosine":  # the official trainer's code shrinks this for 'cosine' only (keeps t=T−1 finite)
             one_minus_bar_sqrt = one_minus_bar_sqrt * 0.9999
         # The official p_sample recomputes √ᾱ from √(1−ᾱ) rather than reading it; do the same for parity.
         bar_sqrt = torch.sqrt(1 - one_minus_bar_sqrt**2)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from diffmic.checkpoint import load_state, save_checkpoint
+from diffmic.checkpoint import evaluation_weights, load_state
 from diffmic.config import validate_config
 from diffmic.data import DataSplits, build_splits
 from diffmic.ema import EMA
@@ -107,7 +107,51 @@ def _loader(dataset: Dataset, cfg: dict, session: Session, seed: int) -> DataLoa
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(dataset) > batch,
                         num_workers=workers, persistent_workers=workers > 0, pin_memory=session.device.type == "cuda",
                         generator=torch.Generator().manual_seed(seed))
+    loader.base_seed = seed
     return session.prepare_loader(loader)
+
+
+def _begin_epoch(loader, session: Session, epoch: int) -> None:
+    """Each epoch's order depends on (seed, epoch) alone, so a resumed run draws the batches the uninterrupted one
+    draws (a distributed sampler does the same through set_epoch)."""
+    session.set_epoch(loader, epoch)
+    if getattr(loader, "generator", None) is not None and hasattr(loader, "base_seed"):
+        loader.generator.manual_seed(loader.base_seed * 100_003 + epoch)
+
+
+class Selection:
+    """The one rule that picks the best epoch: `train.select_metric` (a validation metric) and `train.select_mode`.
+    A search sets both from `search.metric`/`search.mode`, so the engine, Ray Train's checkpoint scoring, Tune, ASHA,
+    the best trial and its export all pick alike."""
+
+    def __init__(self, train_cfg: dict):
+        self.metric, self.mode = train_cfg["select_metric"], train_cfg["select_mode"]
+        self.worst = -math.inf if self.mode == "max" else math.inf
+
+    def better(self, value: float, than: float) -> bool:
+        if value is None or math.isnan(value):
+            return False
+        return value > than if self.mode == "max" else value < than
+
+
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's state as tensors and plain values: a checkpoint loads with weights_only=True
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session, epoch: int, phase: str,
@@ -126,7 +170,7 @@ def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session
                 group["lr"] = learning_rate(t, epoch + i / steps)
         x, y = session.to_device(x), session.to_device(y)
         with session.autocast():
-            losses = model(x, y, phase=phase, joint_dcg=joint, mmd_weight=t["mmd_weight"],
+            losses = model(x, y, phase=phase, joint_dcg=joint, mmd_weight=t["mmd_weight"], guidance=t["guidance"],
                            mmd_bandwidths=tuple(t.get("mmd_bandwidths", (1.0,))))
         active = [optimizers["dcg"]] if phase == "dcg" else [optimizers["denoiser"]] + ([optimizers["dcg"]] if joint else [])
         for opt in active:
@@ -180,7 +224,8 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
     optimizers = build_optimizers(core, t)
     ema = EMA(core, t["ema_decay"]) if t.get("ema", True) else None
     history: list[dict] = []
-    best = {"epoch": 0, "value": -math.inf, "metrics": {}}
+    selection = Selection(t)
+    best = {"epoch": 0, "value": selection.worst, "metrics": {}}
     best_weights: dict[str, torch.Tensor] | None = None
     start_epoch, pretrained = 0, False
 
@@ -193,26 +238,25 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         start_epoch, pretrained, history, best = state["epoch"], state["dcg_pretrained"], state["history"], state["best"]
-        best_weights = state.get("best_weights")
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        best_weights = dict(evaluation_weights(state)) if best["epoch"] else None
+        _set_rng_state(state["rng"])
         session.log(f"resumed from {resumed} at epoch {start_epoch}")
 
     model = session.prepare_model(core)
-    select = t.get("select_metric", "macro_f1")
+    select = selection.metric
 
     def checkpoint_state(epoch: int) -> dict:
         return {"format": 1, "epoch": epoch, "dcg_pretrained": True, "config": cfg, "history": history, "best": best,
                 "model": core.state_dict(), "ema": ema.state_dict() if ema else None,
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                # the best epoch's weights are this checkpoint's model + EMA shadow when it is the best one
                 "best_weights": None if best["epoch"] == epoch else best_weights,
-                "class_names": data.class_names,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+                "class_names": data.class_names, "rng": _rng_state()}
 
     if not pretrained and t["dcg_pretrain_epochs"] > 0:
         loader = _loader(data.train, cfg, session, seed)
         for e in range(t["dcg_pretrain_epochs"]):
-            session.set_epoch(loader, e)
+            _begin_epoch(loader, session, e)
             stats = _epoch(model, core, loader, optimizers, cfg, session, e, "dcg", None)
             session.log(f"dcg pre-train {e + 1}/{t['dcg_pretrain_epochs']}: ce {stats['dcg_ce']:.4f}, "
                         f"{stats['dcg_samples_per_s']:.0f} img/s")
@@ -223,13 +267,13 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
 
     loader = _loader(data.train, cfg, session, seed + 1)
     for epoch in range(start_epoch, t["epochs"]):
-        session.set_epoch(loader, epoch)
+        _begin_epoch(loader, session, epoch)
         stats = _epoch(model, core, loader, optimizers, cfg, session, epoch, "diffusion", ema)
         if (epoch + 1) % t.get("val_every", 1) and epoch + 1 < t["epochs"]:
             continue
         with (ema.applied(core) if ema else _null()):
             val = evaluate(core, data.val, cfg, session, generator_seed=seed)
-            if val[select] > best["value"]:
+            if selection.better(val[select], best["value"]):
                 best = {"epoch": epoch + 1, "value": val[select], "metrics": val}
                 best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
         row = {"epoch": epoch + 1, "lr": optimizers["denoiser"].param_groups[0]["lr"], **stats,
@@ -255,7 +299,7 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
         test = evaluate(core, data.test, cfg, session, generator_seed=seed)
     result = RunResult(val=best["metrics"], test=test, history=history, best_epoch=best["epoch"])
     session.finish(result, core, cfg, data.class_names)
-    summary = f"best val {select} {best['value']:.3f} at epoch {best['epoch']}"
+    summary = f"best val {select} ({selection.mode}) {best['value']:.3f} at epoch {best['epoch']}"
     if test:
         summary += f"; test acc {test['accuracy']:.3f} f1 {test['macro_f1']:.3f} (DCG {test['dcg_accuracy']:.3f})"
     session.log(summary)

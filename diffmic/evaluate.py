@@ -20,8 +20,7 @@ def load_for_evaluation(path: str | Path, overrides: list[str]):
     from omegaconf import OmegaConf
 
     from diffmic.bundle import MANIFEST, load_bundle
-    from diffmic.checkpoint import STATE_FILE, load_state
-    from diffmic.models import build_model
+    from diffmic.checkpoint import STATE_FILE, load_eval_model, load_state
 
     path = Path(path)
     if (path / "model" / MANIFEST).is_file():
@@ -31,12 +30,7 @@ def load_for_evaluation(path: str | Path, overrides: list[str]):
         model, cfg = bundle.model, bundle.config
     elif (path / STATE_FILE).is_file() or (path / "checkpoint" / STATE_FILE).is_file():
         state = load_state(path if (path / STATE_FILE).is_file() else path / "checkpoint")
-        cfg = state["config"]
-        model = build_model(cfg, len(state["class_names"]), cfg["dataset"]["image_size"], initial_weights=False)
-        model.load_state_dict(state["model"])
-        weights = state.get("best_weights") or (state["ema"]["shadow"] if state.get("ema") else None)
-        if weights:
-            model.load_state_dict(weights, strict=False)
+        cfg, model = state["config"], load_eval_model(state)
     else:
         raise FileNotFoundError(f"checkpoint={str(path)!r}: expected a run directory, a checkpoint directory "
                                 f"(with {STATE_FILE}) or an exported bundle (with {MANIFEST})")

@@ -48,6 +48,8 @@ def test_search_config_has_the_default_space():
     ("train.epochs=0", "train.epochs=0: expected an integer >= 1"),
     ("diffusion.schedule=nope", "diffusion.schedule='nope': expected one of linear"),
     ("train.mmd_weight=-1", "train.mmd_weight=-1: expected a weight >= 0"),
+    ("diffusion.schedule=jsd", "diffusion.schedule='jsd': expected one of linear"),
+    ("train.select_mode=best", "train.select_mode='best': expected max or min"),
     ("model.dcg.crop_size=100", "model.dcg.crop_size=100: expected null (one CAM cell) or an integer in 1..64"),
 ])
 def test_impossible_values_are_one_line_errors(override, message):

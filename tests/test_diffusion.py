@@ -50,6 +50,13 @@ def test_unknown_schedule_is_a_clear_error():
         make_beta_schedule("nope", 10)
 
 
+def test_jsd_is_refused_where_it_would_sample_nan():
+    """jsd's last β is 1, so ᾱ_T = 0 and the first reverse step divides by √ᾱ (once accepted, NaN)."""
+    assert make_beta_schedule("jsd", 10)[-1] == 1.0 and torch.cumprod(1 - make_beta_schedule("jsd", 10), 0)[-1] == 0
+    with pytest.raises(ValueError, match="jsd ends at alpha_bar = 0"):
+        NoiseSchedule("jsd", 10)
+
+
 @pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid", "quad"])
 def test_alpha_bar_is_monotone_with_known_endpoints(name):
     s = NoiseSchedule(name, 1000, dtype=torch.float64)

@@ -40,5 +40,16 @@ def test_loss_with_zero_mmd_weight_is_plain_mse():
     noise, pred = torch.zeros(4, 3), torch.ones(4, 3)
     out = diffusion_loss(noise, pred, None, None, mmd_weight=0.0)
     assert out["loss"].item() == 1.0 and out["mmd"].item() == 0.0
-    out = diffusion_loss(noise, pred, pred, pred * 0, mmd_weight=0.5)
-    assert out["loss"].item() > 1.0
+
+
+
+def test_loss_puts_mse_on_the_fused_branch_and_mmd_on_global_and_local():
+    g = torch.Generator().manual_seed(2)
+    noise, fused, glob, local = (torch.randn(16, 4, generator=g, dtype=torch.float64) * s for s in (1, 1.2, 2, 0.5))
+    out = diffusion_loss(noise, fused, glob, local, mmd_weight=0.25)
+    expected_mmd = mmd(noise, glob) + mmd(noise, local)
+    torch.testing.assert_close(out["mse"], ((fused - noise) ** 2).mean())
+    torch.testing.assert_close(out["mmd"], expected_mmd)
+    torch.testing.assert_close(out["loss"], ((fused - noise) ** 2).mean() + 0.25 * expected_mmd)
+    swapped = diffusion_loss(noise, glob, fused, local, mmd_weight=0.25)["loss"]  # a branch mix-up shows
+    assert abs(swapped.item() - out["loss"].item()) > 1e-3

@@ -119,15 +119,49 @@ def test_denoiser_embedding_is_computed_once_per_batch():
     assert pred.entropy.shape == (4,) and (pred.sample_std >= 0).all()
 
 
-def test_denoiser_output_shape_and_time_conditioning():
+def _slow_denoiser(den: Denoiser, emb, y, p, t):
+    """ε̂ written out row by row from the paper's equations: each layer's output scaled by its γ row of step t."""
+    rows = []
+    for i in range(len(y)):
+        def layer(cl, bn, u):
+            z = (cl.linear.weight @ u + cl.linear.bias) * cl.gamma.weight[t[i]]
+            return torch.nn.functional.softplus((z - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+                                                * bn.weight + bn.bias)
+        h = layer(den.cl1, den.bn1, torch.cat([y[i], p[i]])) * emb[i]
+        h = layer(den.cl3, den.bn3, layer(den.cl2, den.bn2, h))
+        rows.append(den.out.weight @ h + den.out.bias)
+    return torch.stack(rows)
+
+
+def test_denoiser_matches_a_row_by_row_reference_with_its_time_step():
     torch.manual_seed(0)
-    den = Denoiser(5, timesteps=10, encoder="resnet18", feature_dim=32).eval()
-    emb = den.encode(torch.randn(2, 3, 32, 32))
-    assert emb.shape == (2, 32)
-    y, p = torch.randn(2, 5), torch.softmax(torch.randn(2, 5), 1)
-    e0 = den(emb, y, p, torch.tensor([0, 0]))
-    e9 = den(emb, y, p, torch.tensor([9, 9]))
-    assert e0.shape == (2, 5) and not torch.allclose(e0, e9)
+    den = Denoiser(5, timesteps=10, encoder="test_resnet", feature_dim=32).eval()
+    for norm in (den.bn1, den.bn2, den.bn3):  # non-trivial running statistics
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    emb = den.encode(torch.randn(4, 3, 32, 32))
+    assert emb.shape == (4, 32)
+    y, p, t = torch.randn(4, 5), torch.softmax(torch.randn(4, 5), 1), torch.tensor([0, 3, 9, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(den(emb, y, p, t), _slow_denoiser(den, emb, y, p, t), rtol=1e-4, atol=1e-5)
+        moved = den(emb, y, p, torch.tensor([1, 3, 9, 3]))  # only row 0's step changed: only row 0 moves
+        base = den(emb, y, p, t)
+    assert not torch.allclose(moved[0], base[0]) and torch.equal(moved[1:], base[1:])
+
+
+def test_gated_attention_pool_matches_its_formula():
+    from diffmic.models.dcg import GatedAttentionPool
+    torch.manual_seed(1)
+    pool = GatedAttentionPool(6, hidden=4)
+    h = torch.randn(3, 5, 6)
+    expected = []
+    for bag in h:  # α_k = softmax_k w·[σ(U h_k) ⊙ tanh(V h_k)], z = Σ α_k h_k
+        scores = torch.stack([pool.w.weight[0] @ (torch.sigmoid(pool.u.weight @ hk) * torch.tanh(pool.v.weight @ hk))
+                              for hk in bag])
+        expected.append((torch.softmax(scores, 0)[:, None] * bag).sum(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pool(h), torch.stack(expected))
+        torch.testing.assert_close(pool(h[:, torch.randperm(5)]), pool(h))  # a bag: order does not matter
 
 
 def test_unknown_backbone_is_a_clear_error():

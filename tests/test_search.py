@@ -217,7 +217,7 @@ def test_default_space_parses_into_config_keys(search_cfg):
 
 
 def test_extended_space_and_sampling_domains(search_cfg):
-    from tune.space import apply, get_key, parse_space, tune_space
+    from tune.space import apply, check_against_config, get_key, parse_space, tune_space
 
     cfg = compose(["search=extended"], config_name="search")
     params = parse_space(cfg["search"]["space"], cfg)
@@ -232,6 +232,21 @@ def test_extended_space_and_sampling_domains(search_cfg):
     trial = apply(cfg, {"diffusion.timesteps": 250, "train.lr": 1e-3})
     assert get_key(trial, "diffusion.timesteps") == 250 and trial["train"]["lr"] == 1e-3
     assert cfg["train"]["lr"] != 1e-3  # the base config is left alone
+    check_against_config(params, cfg)  # its sample_steps are DDIM steps
+
+
+def test_searched_sample_steps_with_the_official_sampler_are_refused():
+    """The official sampler's sample_steps sets where its chain starts (from N(0, I) whatever the true noise level),
+    not how many steps it takes: searching it there would compare mismatched chains, not step counts."""
+    from tune.space import SearchError, check_against_config, parse_space
+
+    cfg = compose(["search=extended", "~search.space.sampler"], config_name="search")
+    for sampler, message in (("official", "where it sets the chain's start"), ("ddpm", "always runs all")):
+        cfg["diffusion"]["sampler"] = sampler
+        with pytest.raises(SearchError, match=message):
+            check_against_config(parse_space(cfg["search"]["space"], cfg), cfg)
+    cfg["diffusion"]["sampler"] = "ddim"
+    check_against_config(parse_space(cfg["search"]["space"], cfg), cfg)
 
 
 @pytest.mark.parametrize("space, expected", [

@@ -182,7 +182,7 @@ def build_trainer(cfg: dict, storage, name: str, callbacks: list | None = None) 
     scaling, t = cfg["scaling"], cfg["train"]
     fs = storage.ray_filesystem()
     path = storage.fs_path if fs is not None else storage.ray_storage_path
-    score = f"val_{t.get('select_metric', 'macro_f1')}"
+    score = f"val_{t['select_metric']}"  # the engine's selection rule scores the checkpoints Ray keeps
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg,
@@ -192,7 +192,7 @@ def build_trainer(cfg: dict, storage, name: str, callbacks: list | None = None) 
             name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.get("num_to_keep"),
                                                          checkpoint_score_attribute=score,
-                                                         checkpoint_score_order="max"),
+                                                         checkpoint_score_order=t["select_mode"]),
             failure_config=ray.train.FailureConfig(max_failures=scaling.get("max_failures", 0)),
         ),
     )

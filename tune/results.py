@@ -72,10 +72,9 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
     exact config that trained it. Needs no Ray: `test_best` runs it as a task, `diffmic.export` runs it here."""
     import diffmic  # noqa: F401
     from diffmic.bundle import write_bundle
-    from diffmic.checkpoint import load_state
+    from diffmic.checkpoint import load_eval_model, load_state
     from diffmic.data import build_splits
     from diffmic.engine import evaluate
-    from diffmic.models import build_model
     from diffmic.session import Session
     from tune.distributed import localize
 
@@ -85,12 +84,7 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
     if cfg["dataset"].get("origin_root"):  # the worker's local cache path may not exist here
         cfg = {**cfg, "dataset": {**cfg["dataset"], "root": cfg["dataset"]["origin_root"]}}
     data = build_splits(localize(cfg)["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
-    model = build_model(cfg, data.num_classes, cfg["dataset"]["image_size"], initial_weights=False)
-    model.load_state_dict(state["model"])
-    if state.get("best_weights"):
-        model.load_state_dict(state["best_weights"])
-    elif state.get("ema"):
-        model.load_state_dict(state["ema"]["shadow"], strict=False)
+    model = load_eval_model(state, data.num_classes)
     session = Session(amp=cfg["train"].get("amp", True))
     model = model.to(session.device)
     test = evaluate(model, data.test, cfg, session, generator_seed=cfg.get("seed", 0))

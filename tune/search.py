@@ -113,6 +113,8 @@ def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
     from tune.runner import DatasetSearch
     from tune.space import check_against_config, parse_space
 
+    s = dcfg["search"]  # one selection rule: the search's metric and mode pick epochs, checkpoints and trials alike
+    dcfg["train"].update(select_metric=s["metric"].removeprefix("val_"), select_mode=s["mode"])
     validate_config(dcfg)
     params = parse_space(dcfg["search"]["space"], dcfg)
     check_against_config(params, dcfg)

@@ -99,6 +99,16 @@ def parse_space(space: dict, cfg: dict) -> list[Param]:
 
 def check_against_config(params: list[Param], cfg: dict, limit: int = 512) -> None:
     """Every value the search can sample must make a valid config (every combination of up to `limit`)."""
+    keys = {p.key: p for p in params}
+    if "diffusion.sample_steps" in keys:
+        samplers = keys["diffusion.sampler"].probes() if "diffusion.sampler" in keys else [cfg["diffusion"]["sampler"]]
+        if "official" in samplers:
+            raise SearchError("search.space searches diffusion.sample_steps with the official sampler, where it sets "
+                              "the chain's start, not its number of steps; expected diffusion.sampler=ddim (or a "
+                              "space entry {key: diffusion.sampler, choice: [ddim]})")
+        if "ddpm" in samplers:
+            raise SearchError("search.space searches diffusion.sample_steps with the ddpm sampler, which always runs "
+                              "all diffusion.timesteps steps; expected diffusion.sampler=ddim")
     grids = [[(p.key, v) for v in p.probes()] for p in params]
     combos = list(itertools.islice(itertools.product(*grids), limit + 1))
     if len(combos) > limit:  # too many combinations: check each parameter on its own

@@ -61,24 +61,31 @@ class DiffMIC(nn.Module):
         return diffusion_loss(noise, fused, *mmd_branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, phase: str = "diffusion", joint_dcg: bool = True,
-                mmd_weight: float = 0.5, mmd_bandwidths=(1.0,)) -> dict[str, torch.Tensor]:
+                mmd_weight: float = 0.5, mmd_bandwidths=(1.0,), guidance: str = "eval") -> dict[str, torch.Tensor]:
         """One training step's losses, as a single forward so that DDP sees every parameter it syncs.
 
         phase "dcg": DCG pre-training, cross-entropy on the fused logits only.
         phase "diffusion": the diffusion loss with priors detached from it (the official code back-propagates it
-        through the DCG only to zero those gradients afterwards); with `joint_dcg` the same DCG forward also gives
-        the CE loss of the joint DCG step, so one DCG pass serves both.
+        through the DCG only to zero those gradients afterwards). `guidance` says where the priors come from:
+        "eval" (the official trainer) takes them from the DCG in eval mode (BatchNorm running statistics, as at test
+        time) and, with `joint_dcg`, runs a second, train-mode DCG pass for the joint CE step; "shared" lets one
+        train-mode pass serve both (one DCG pass fewer, but priors normalised with batch statistics).
         """
-        if phase == "dcg" or joint_dcg:
+        ce = None
+        if phase == "dcg" or (joint_dcg and guidance == "shared"):
             out = self.priors(x)
             ce = nn.functional.cross_entropy(out.logits.fused.float(), labels)
             if phase == "dcg":
                 return {"loss": ce, "dcg_ce": ce.detach()}
             priors = Priors(out.fused.detach(), out.global_.detach(), out.local.detach(), out.logits)
         else:
+            was_training = self.dcg.training
+            self.dcg.eval()
             with torch.no_grad():
                 priors = self.priors(x)
-            ce = None
+            self.dcg.train(was_training)
+            if joint_dcg:
+                ce = nn.functional.cross_entropy(self.dcg(x).fused.float(), labels)
         losses = self.loss(x, labels, priors, mmd_weight, mmd_bandwidths)
         if ce is not None:
             losses["dcg_ce"] = ce.detach()
