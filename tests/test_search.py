@@ -273,8 +273,8 @@ def test_bad_space_is_one_line(search_cfg, space, expected):
 
 
 @pytest.mark.parametrize("space, expected", [
-    # every combination must make a valid config: 500 sampler steps do not fit 100 timesteps
-    ({"t": {"key": "diffusion.timesteps", "choice": [100, 1000]},
+    # every combination must make a valid config: 500 DDIM steps do not fit 100 timesteps
+    ({"t": {"key": "diffusion.timesteps", "choice": [100, 1000]}, "d": {"key": "diffusion.sampler", "choice": ["ddim"]},
       "s": {"key": "diffusion.sample_steps", "choice": [10, 500]}}, "diffusion.sample_steps"),
     ({"s": {"key": "diffusion.schedule", "choice": ["linear", "nope"]}}, "diffusion.schedule='nope'"),
     ({"m": {"key": "train.mmd_weight", "uniform": [-1.0, 1.0]}}, "train.mmd_weight=-1.0"),
