@@ -295,6 +295,7 @@ def test_valid_combinations_pass(search_cfg):
     from tune.space import check_against_config, parse_space
 
     space = {"t": {"key": "diffusion.timesteps", "choice": [100, 1000]},
+             "d": {"key": "diffusion.sampler", "choice": ["ddim"]},
              "s": {"key": "diffusion.sample_steps", "choice": [10, 100]},
              "lr": {"key": "train.lr", "loguniform": [1e-4, 1e-2]},
              "k": {"key": "train.epochs", "randint": [1, 4]}}
