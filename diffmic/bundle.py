@@ -39,6 +39,11 @@ class Bundle:
     def class_names(self) -> list[str]:
         return self.meta["class_names"]
 
+    @property
+    def temperature(self) -> float:
+        """τ of the class probabilities, fitted on the validation split (diffmic.calibration)."""
+        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -69,6 +74,7 @@ def write_bundle(directory: str | Path, model: DiffMIC, cfg: dict, class_names: 
         "preprocessing": {"image_size": dataset["image_size"], "mean": list(dataset.get("mean", (0.485, 0.456, 0.406))),
                           "std": list(dataset.get("std", (0.229, 0.224, 0.225))), "resize": "center-square-crop, bilinear"},
         "sampler": {k: cfg["diffusion"].get(k) for k in ("sampler", "sample_steps", "eta", "num_samples")},
+        "calibration": {"temperature": (metrics.get("val") or {}).get("temperature", 1.0), "fitted_on": "val"},
         "metrics": metrics,
         "provenance": provenance or {},
         "versions": library_versions(),

@@ -78,6 +78,11 @@ def evaluation_weights(state: dict) -> dict[str, torch.Tensor]:
     return weights
 
 
+def fitted_temperature(state: dict) -> float:
+    """The τ of the class probabilities that the best validation epoch fitted (diffmic.calibration)."""
+    return float(((state.get("best") or {}).get("metrics") or {}).get("temperature", 1.0))
+
+
 def load_eval_model(state: dict, num_classes: int | None = None):
     """The model a checkpoint state is evaluated and exported with (its config, its best epoch's weights): the one
     way from a checkpoint to an evaluation model (evaluate, the search's test and export, the tests)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from diffmic.calibration import class_probabilities, fit_temperature
 from diffmic.checkpoint import evaluation_weights, load_state
 from diffmic.config import validate_config
 from diffmic.data import DataSplits, build_splits
@@ -70,33 +71,42 @@ def _shard(dataset: Dataset, session: Session) -> Subset:
 
 
 @torch.no_grad()
-def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, generator_seed: int = 0) -> dict:
-    """Whole-split metrics of the diffusion prediction and of the DCG alone, gathered across workers."""
+def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, generator_seed: int = 0,
+             temperature: float | None = None) -> dict:
+    """Whole-split metrics of the diffusion prediction and of the DCG alone, gathered across workers.
+
+    Class probabilities are softmax(ŷ0 / τ) (diffmic.calibration) with the given `temperature`; None fits τ on this
+    split (the validation split, whose τ then serves test and prediction). The τ used is returned as `temperature`.
+    """
     d, t = cfg["diffusion"], cfg["train"]
     shard = _shard(dataset, session)
     loader = DataLoader(shard, batch_size=t["eval_batch_size"], shuffle=False, num_workers=t.get("num_workers", 0))
     model.eval()
     generator = torch.Generator(device=session.device).manual_seed(generator_seed + session.rank)
-    probs, dcg_probs, labels, entropy = [], [], [], []
+    samples, dcg_probs, labels = [], [], []
     with session.autocast():
         for x, y in loader:
             x = session.to_device(x)
             pred = model.predict(x, d["sampler"], d.get("sample_steps"), d.get("eta", 0.0),
                                  d.get("num_samples", 1), generator)
-            probs.append(pred.probs.float().cpu())
+            samples.append(pred.samples.float().cpu().transpose(0, 1))  # N×S×C: gathered by example
             dcg_probs.append(pred.dcg_probs.float().cpu())
-            entropy.append(pred.entropy.float().cpu())
             labels.append(y)
+    classes, draws = model.num_classes, d.get("num_samples", 1)
     local = {"index": np.asarray(shard.indices, dtype=np.int64),
-             "probs": torch.cat(probs).numpy() if probs else np.zeros((0, model.num_classes)),
-             "dcg": torch.cat(dcg_probs).numpy() if dcg_probs else np.zeros((0, model.num_classes)),
-             "entropy": torch.cat(entropy).numpy() if entropy else np.zeros(0),
+             "samples": torch.cat(samples).numpy() if samples else np.zeros((0, draws, classes)),
+             "dcg": torch.cat(dcg_probs).numpy() if dcg_probs else np.zeros((0, classes)),
              "labels": torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)}
     parts = session.all_gather(local)
     order = np.argsort(np.concatenate([p["index"] for p in parts]))
-    merged = {k: np.concatenate([p[k] for p in parts])[order] for k in ("probs", "dcg", "entropy", "labels")}
-    metrics = classification_metrics(merged["labels"], merged["probs"], merged["dcg"])
-    metrics["mean_entropy"] = float(merged["entropy"].mean())
+    merged = {k: np.concatenate([p[k] for p in parts])[order] for k in ("samples", "dcg", "labels")}
+    chains = merged["samples"].transpose(1, 0, 2)  # S×N×C
+    if temperature is None:
+        temperature = fit_temperature(chains, merged["labels"])
+    probs = class_probabilities(chains, temperature)
+    metrics = classification_metrics(merged["labels"], probs, merged["dcg"])
+    metrics["mean_entropy"] = float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(1).mean()) if len(probs) else 0.0
+    metrics["temperature"] = float(temperature)
     return metrics
 
 
@@ -296,7 +306,8 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
         ema.copy_to(core)
     test: dict = {}
     if t.get("test_at_end", True):  # a search trial never looks at test; its best model is tested once, later
-        test = evaluate(core, data.test, cfg, session, generator_seed=seed)
+        test = evaluate(core, data.test, cfg, session, generator_seed=seed,
+                        temperature=best["metrics"].get("temperature", 1.0))  # the τ fitted on validation
     result = RunResult(val=best["metrics"], test=test, history=history, best_epoch=best["epoch"])
     session.finish(result, core, cfg, data.class_names)
     summary = f"best val {select} ({selection.mode}) {best['value']:.3f} at epoch {best['epoch']}"

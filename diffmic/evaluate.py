@@ -15,29 +15,30 @@ from diffmic.cli import one_line_errors
 
 
 def load_for_evaluation(path: str | Path, overrides: list[str]):
-    """(model, config) from a bundle or a training checkpoint, with dotted overrides applied to the config."""
+    """(model, config, temperature) from a bundle or a training checkpoint, with dotted overrides applied to the
+    config; the temperature is the one fitted on validation."""
     import torch
     from omegaconf import OmegaConf
 
     from diffmic.bundle import MANIFEST, load_bundle
-    from diffmic.checkpoint import STATE_FILE, load_eval_model, load_state
+    from diffmic.checkpoint import STATE_FILE, fitted_temperature, load_eval_model, load_state
 
     path = Path(path)
     if (path / "model" / MANIFEST).is_file():
         path = path / "model"
     if (path / MANIFEST).is_file():
         bundle = load_bundle(path)
-        model, cfg = bundle.model, bundle.config
+        model, cfg, temperature = bundle.model, bundle.config, bundle.temperature
     elif (path / STATE_FILE).is_file() or (path / "checkpoint" / STATE_FILE).is_file():
         state = load_state(path if (path / STATE_FILE).is_file() else path / "checkpoint")
-        cfg, model = state["config"], load_eval_model(state)
+        cfg, model, temperature = state["config"], load_eval_model(state), fitted_temperature(state)
     else:
         raise FileNotFoundError(f"checkpoint={str(path)!r}: expected a run directory, a checkpoint directory "
                                 f"(with {STATE_FILE}) or an exported bundle (with {MANIFEST})")
     merged = OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.from_dotlist(overrides))
     cfg = OmegaConf.to_container(merged, resolve=True)
     model.schedule = model.schedule.to(dtype=torch.float32)
-    return model, cfg
+    return model, cfg, temperature
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,14 +53,15 @@ def main(argv: list[str] | None = None) -> None:
 
         split = args.pop("split", "test")
         output = args.pop("output", None)
-        model, cfg = load_for_evaluation(args.pop("checkpoint"), [f"{k}={v}" for k, v in args.items()])
+        model, cfg, temperature = load_for_evaluation(args.pop("checkpoint"), [f"{k}={v}" for k, v in args.items()])
         validate_config(cfg)
         if split not in ("train", "val", "test"):
             raise ValueError(f"split={split!r}: expected train, val or test")
         data = build_splits(cfg["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
         session = Session(amp=cfg["train"].get("amp", True))
         start = time.perf_counter()
-        metrics = evaluate(model.to(session.device), getattr(data, split), cfg, session, cfg.get("seed", 0))
+        metrics = evaluate(model.to(session.device), getattr(data, split), cfg, session, cfg.get("seed", 0),
+                           temperature=temperature)
         metrics.update(split=split, images=len(getattr(data, split)), seconds=round(time.perf_counter() - start, 2),
                        sampler=cfg["diffusion"]["sampler"], sample_steps=cfg["diffusion"]["sample_steps"])
         from diffmic.checkpoint import to_jsonable

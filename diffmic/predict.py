@@ -89,11 +89,14 @@ def resolve_settings(bundle: Bundle, sampler: str | None, steps: int | None, eta
     steps = steps if steps is not None else defaults.get("sample_steps")
     eta = eta if eta is not None else (defaults.get("eta") or 0.0)
     num_samples = num_samples if num_samples is not None else (defaults.get("num_samples") or 1)
-    T = bundle.model.schedule.timesteps
+    schedule = bundle.model.schedule
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    if steps is not None and not 1 <= int(steps) <= T:  # checked for ddpm too (which runs all T) to catch a typo
-        raise ValueError(f"--steps {steps}: expected 1..{T} (the bundle's diffusion.timesteps)")
+    # the official sampler's steps count on the reference chain (diffusion.beta_steps), the others on T
+    limit, what = ((schedule.reference_steps, "diffusion.beta_steps") if sampler == "official"
+                   else (schedule.timesteps, "diffusion.timesteps"))
+    if steps is not None and not 1 <= int(steps) <= limit:  # checked for ddpm too (which runs all T) to catch a typo
+        raise ValueError(f"--steps {steps}: expected 1..{limit} (the bundle's {what})")
     if num_samples < 1:
         raise ValueError(f"--samples {num_samples}: expected at least 1")
     return sampler, steps, float(eta), int(num_samples)
@@ -123,7 +126,8 @@ def iter_predictions(bundle: Bundle, paths: Sequence[str], sampler: str | None =
                 yield Failure(path, str(e))
         if not tensors:
             continue
-        pred = model.predict(torch.stack(tensors).to(device), sampler, steps, eta, num_samples, generator)
+        pred = model.predict(torch.stack(tensors).to(device), sampler, steps, eta, num_samples, generator,
+                             bundle.temperature)
         probs, entropy, spread = (t.float().cpu().tolist() for t in (pred.probs, pred.entropy, pred.sample_std))
         for i, path in enumerate(ok):
             best = max(range(len(names)), key=probs[i].__getitem__)

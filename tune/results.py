@@ -72,7 +72,7 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
     exact config that trained it. Needs no Ray: `test_best` runs it as a task, `diffmic.export` runs it here."""
     import diffmic  # noqa: F401
     from diffmic.bundle import write_bundle
-    from diffmic.checkpoint import load_eval_model, load_state
+    from diffmic.checkpoint import fitted_temperature, load_eval_model, load_state
     from diffmic.data import build_splits
     from diffmic.engine import evaluate
     from diffmic.session import Session
@@ -87,7 +87,8 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
     model = load_eval_model(state, data.num_classes)
     session = Session(amp=cfg["train"].get("amp", True))
     model = model.to(session.device)
-    test = evaluate(model, data.test, cfg, session, generator_seed=cfg.get("seed", 0))
+    test = evaluate(model, data.test, cfg, session, generator_seed=cfg.get("seed", 0),
+                    temperature=fitted_temperature(state))
     val = state["best"]["metrics"] if state.get("best") else {}
     if export_uri is not None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,10 +22,11 @@ class Priors:
 
 @dataclass
 class Prediction:
-    probs: torch.Tensor        # N×C, mean over samples of softmax(y0)
+    probs: torch.Tensor        # N×C, mean over samples of softmax(y0 / temperature) (diffmic.calibration)
     dcg_probs: torch.Tensor    # N×C, the DCG's fused prior alone
     entropy: torch.Tensor      # N, predictive entropy of `probs` (nats)
     sample_std: torch.Tensor   # N, std over samples of the predicted class's probability (0 for one sample)
+    samples: torch.Tensor      # S×N×C, the chains' raw outputs ŷ0 (to fit the temperature on)
 
 
 class DiffMIC(nn.Module):
@@ -94,8 +95,10 @@ class DiffMIC(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, sampler: str = "official", steps: int | None = None, eta: float = 0.0,
-                num_samples: int = 1, generator: torch.Generator | None = None) -> Prediction:
-        """Reverse chain from the fused prior; the image embedding is computed once and reused at every step."""
+                num_samples: int = 1, generator: torch.Generator | None = None, temperature: float = 1.0
+                ) -> Prediction:
+        """Reverse chain from the fused prior; the image embedding is computed once and reused at every step.
+        `temperature` is the model's fitted τ (diffmic.calibration), stored in its checkpoint and bundle."""
         priors = self.priors(x)
         embedding = self.denoiser.encode(x).repeat(num_samples, 1)
         prior = priors.fused.repeat(num_samples, 1)
@@ -103,13 +106,13 @@ class DiffMIC(nn.Module):
         def eps_fn(y_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.denoiser(embedding, y_t.to(embedding.dtype), p.to(embedding.dtype), t).float()
 
-        y0 = sample(self.schedule, eps_fn, prior, sampler, steps, eta, generator)
-        probs = torch.softmax(y0, dim=1).view(num_samples, len(x), -1)
+        y0 = sample(self.schedule, eps_fn, prior, sampler, steps, eta, generator).view(num_samples, len(x), -1)
+        probs = torch.softmax(y0 / temperature, dim=2)
         mean = probs.mean(0)
         entropy = -(mean * mean.clamp_min(1e-12).log()).sum(1)
         picked = probs.gather(2, mean.argmax(1).view(1, -1, 1).expand(num_samples, -1, 1)).squeeze(2)
         std = picked.std(0) if num_samples > 1 else torch.zeros_like(entropy)
-        return Prediction(mean, priors.fused, entropy, std)
+        return Prediction(mean, priors.fused, entropy, std, y0)
 
 
 def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: bool = True) -> DiffMIC:
