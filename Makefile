@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: search test bench install
+.PHONY: search test test-fast bench install
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ search: install
 
 test: install
 	$(PY) -m pytest
+
+# For development: the unit tests of pure code (no Ray cluster, S3 server, browser or long training), under 2 minutes.
+test-fast: install
+	$(PY) -m pytest -q -m "not integration and not slow"
 
 bench: install
 	$(PY) bench/bench_core.py

@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import diffmic  # noqa: E402,F401 — before timm: makes torchvision importable beside a CPU-only torch
+from diffmic.compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # before timm (and torchvision) are imported
 import timm  # noqa: E402
 from diffmic.diffusion import sample  # noqa: E402
 from diffmic.engine import build_optimizers  # noqa: E402

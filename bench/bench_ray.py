@@ -45,7 +45,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-import diffmic  # noqa: E402,F401 — before timm: makes torchvision importable beside a CPU-only torch
+from diffmic.compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # before timm (and torchvision) are imported
 
 DEFAULTS = ["dataset=synthetic", "train.dcg_pretrain_epochs=1", "train.test_at_end=false",
             "train.checkpoint_every=1000"]  # one checkpoint (the last epoch's) per run on both sides
@@ -73,7 +75,8 @@ def timed_ray_loop(cfg: dict) -> None:
     """`tune.distributed.train_loop_per_worker` with a session that reports when the loop began and first stepped."""
     marks = {"loop_start_unix": time.time()}
     from diffmic.engine import train  # the project's imports (timm, torchvision) in a fresh worker process
-    from tune.distributed import RaySession, localize
+    from diffmic.remote import localize
+    from tune.distributed import RaySession
 
     marks["imported_unix"] = time.time()
 

@@ -52,7 +52,9 @@ def tune_overhead(trials: int) -> dict:
     from ray.tune.search import ConcurrencyLimiter
 
     from tune.runner import TRIAL_RESOURCES
-    from tune.searcher import DistinctOptunaSearch
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.searcher import DistinctSampler
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +63,7 @@ def tune_overhead(trials: int) -> dict:
                 config = tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
                                          reuse_actors=name.endswith("reuse_actors"))
             else:
-                searcher = ConcurrencyLimiter(DistinctOptunaSearch(sampler=optuna.samplers.TPESampler(seed=0)),
+                searcher = ConcurrencyLimiter(OptunaSearch(sampler=DistinctSampler(optuna.samplers.TPESampler(seed=0))),
                                               max_concurrent=1)
                 config = tune.TuneConfig(num_samples=trials, metric="score", mode="max", search_alg=searcher,
                                          scheduler=ASHAScheduler(max_t=1, grace_period=1))

@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffmic.checkpoint import to_jsonable
+from diffmic.errors import DiffmicError
 from diffmic.models import DiffMIC, build_model
 
 BUNDLE_FORMAT = 1
 WEIGHTS, CONFIG, META, MANIFEST = "model.safetensors", "config.json", "bundle.json", "manifest.json"
 
 
-class BundleError(ValueError):
+class BundleError(DiffmicError, ValueError):
     """A bundle that cannot be trusted or used; one line naming the file and the problem."""
 
 
@@ -86,12 +87,16 @@ def write_bundle(directory: str | Path, model: DiffMIC, cfg: dict, class_names: 
     return directory
 
 
+MAX_JSON_BYTES = 4 << 20  # config.json and bundle.json are a few kB; a huge one is not ours
+
+
 def verify_bundle(directory: str | Path) -> dict:
     """Check the manifest against every file; returns the manifest."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        raise BundleError(f"bundle {str(directory)!r}: no {MANIFEST} (expected a directory written by diffmic.export)")
+        raise BundleError(f"bundle {str(directory)!r}: no {MANIFEST} (expected a bundle directory written by a "
+                          "training run, tune/search.py or tune.export)")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
@@ -100,13 +105,22 @@ def verify_bundle(directory: str | Path) -> dict:
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"bundle {str(directory)!r}: format {manifest.get('format')!r} is not supported by this "
                           f"diffmic (expected {BUNDLE_FORMAT}); re-export it with a matching version")
+    if not isinstance(files, dict):
+        raise BundleError(f"bundle {str(directory)!r}: {MANIFEST} is not a valid manifest")
     for name in (WEIGHTS, CONFIG, META):
         if name not in files:
             raise BundleError(f"bundle {str(directory)!r}: {MANIFEST} does not list {name}")
+    for name in files:  # nothing else is read: a manifest naming ../../etc/passwd or /etc/hostname is refused
+        if name not in (WEIGHTS, CONFIG, META):
+            raise BundleError(f"bundle {str(directory)!r}: {MANIFEST} lists {str(name)[:200]!r}, which is not a "
+                              f"bundle file (expected exactly {WEIGHTS}, {CONFIG} and {META})")
     for name, expected in files.items():
         path = directory / name
-        if not path.is_file():
-            raise BundleError(f"bundle {str(directory)!r}: file {name} is missing")
+        if path.is_symlink() or not path.is_file():
+            raise BundleError(f"bundle {str(directory)!r}: file {name} is missing (or a link, which is refused)")
+        if name != WEIGHTS and path.stat().st_size > MAX_JSON_BYTES:
+            raise BundleError(f"bundle {str(directory)!r}: {name} is {path.stat().st_size} bytes (expected at most "
+                              f"{MAX_JSON_BYTES})")
         if sha256(path) != expected:
             raise BundleError(f"bundle {str(directory)!r}: file {name} does not match its SHA-256 in {MANIFEST} "
                               f"(changed or truncated)")

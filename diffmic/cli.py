@@ -1,4 +1,4 @@
-"""What the command-line entry points share: the Hydra config directory and one-line errors for bad input."""
+"""What the command-line entry points share: the config directory and one-line errors for bad input."""
 from __future__ import annotations
 
 import os
@@ -6,41 +6,28 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from diffmic.compat import ensure_torchvision_importable
+from diffmic.errors import DiffmicError
+from diffmic.secrets import redact
+
 CONFIG_DIR = Path(os.environ.get("DIFFMIC_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
-
-
-def project_errors() -> tuple[type[BaseException], ...]:
-    """The project's own bad-input exceptions (config, data, storage, bundle): their message is the whole story."""
-    from diffmic.bundle import BundleError
-    from diffmic.config import ConfigError
-    from diffmic.data import DataError
-    from diffmic.weights import WeightsError
-    errors: list[type[BaseException]] = [ConfigError, DataError, BundleError, WeightsError]
-    try:
-        from tune.storage import StorageError
-        errors.append(StorageError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 @contextmanager
 def one_line_errors(program: str):
-    """Print `program: error: …` and exit 2 on bad input; DIFFMIC_DEBUG=1 shows the traceback instead."""
+    """Print `program: error: …` and exit 2 on bad input; DIFFMIC_DEBUG=1 shows the traceback instead.
+
+    Every command line starts here, so this is also where the process gets the torchvision fix (diffmic.compat)."""
+    ensure_torchvision_importable()
     try:
         yield
-    except (ValueError, FileNotFoundError, *project_errors()) as e:
+    except (ValueError, FileNotFoundError, DiffmicError) as e:
         if os.environ.get("DIFFMIC_DEBUG"):
             raise
         message = " ".join(str(e).split())
-        if not isinstance(e, project_errors()):  # bad input caught deeper down, or a bug: keep the way to its trace
+        if not isinstance(e, DiffmicError):  # bad input caught deeper down, or a bug: keep the way to its trace
             message += " (DIFFMIC_DEBUG=1 shows the traceback)"
-        try:
-            from tune.storage import redact
-            message = redact(message)
-        except ImportError:
-            pass
-        print(f"{program}: error: {message}", file=sys.stderr)
+        print(f"{program}: error: {redact(message)}", file=sys.stderr)
         sys.exit(2)
 
 

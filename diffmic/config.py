@@ -2,12 +2,16 @@
 cluster work starts. Each problem is one line naming the key, the value and what is expected."""
 from __future__ import annotations
 
+import copy
+import re
+
 from diffmic.diffusion import SAMPLERS, USABLE_SCHEDULES
+from diffmic.errors import DiffmicError
 from diffmic.metrics import SCALAR_METRICS
 from diffmic.models.dcg import OUTPUT_STRIDES, ROI_MODES, cam_geometry
 
 
-class ConfigError(ValueError):
+class ConfigError(DiffmicError, ValueError):
     pass
 
 
@@ -18,6 +22,33 @@ def _get(cfg: dict, dotted: str):
             raise ConfigError(f"{dotted}: missing from the config")
         node = node[part]
     return node
+
+
+def with_values(cfg: dict, values: dict) -> dict:
+    """A copy of `cfg` with dotted keys set (what an override `key=value` does); the parent of each must exist."""
+    out = copy.deepcopy(cfg)
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for i, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{key}={value!r}: the config has no section {'.'.join(parents[:i + 1])!r}")
+            node = node[part]
+        node[leaf] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings as {dotted key: value}, each value read as YAML (1e-3, true, null, [a, b])."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r}: expected key=value")
+        out[key.lstrip("+")] = yaml.safe_load(text) if text else ""
+    return out
 
 
 def _check(cfg: dict, key: str, ok, expected: str) -> None:
@@ -34,7 +65,33 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# Keys the code reads without a check of their value below. The defaults live in configs/ only: code reads what it is
+# given, and a key missing from a hand-made or old config is named here, not replaced by a second default.
+READ_AS_IS = ("seed", "deterministic", "dataset.split_seed", "train.min_lr", "train.num_workers", "train.joint_dcg",
+              "train.dcg_amsgrad", "train.channels_last", "train.ema", "train.checkpoint_every", "train.test_at_end",
+              "train.amp", "train.grad_clip", "model.denoiser.embedding_bias")
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(key: str, value) -> None:
+    """A name that becomes one path component under a storage root (experiment): never a path of its own."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigError(f"{key}={value!r}: expected a name of letters, digits, '-', '_' and '.' (not starting with "
+                          "'.' or '-', at most 128 characters)")
+
+
+def split_seed(cfg: dict) -> int:
+    """The seed of the train/val/test split: dataset.split_seed, or the run's seed when that is null."""
+    given = cfg["dataset"]["split_seed"]
+    return int(cfg["seed"] if given is None else given)
+
+
 def validate_config(cfg: dict) -> None:
+    for key in READ_AS_IS:
+        _get(cfg, key)
+    check_name("experiment", _get(cfg, "experiment"))
     c = lambda key, ok, expected: _check(cfg, key, ok, expected)  # noqa: E731
     c("train.epochs", lambda v: _int(v) and v >= 1, "an integer >= 1")
     c("train.dcg_pretrain_epochs", lambda v: _int(v) and v >= 0, "an integer >= 0")

@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffmic.calibration import class_probabilities, fit_temperature
 from diffmic.checkpoint import evaluation_weights, load_state
-from diffmic.config import validate_config
+from diffmic.config import split_seed, validate_config
 from diffmic.data import DataSplits, build_splits
 from diffmic.ema import EMA
-from diffmic.metrics import classification_metrics
+from diffmic.metrics import classification_metrics, prefixed
 from diffmic.models import DiffMIC, build_model
+from diffmic.secrets import redact_config
 from diffmic.session import LocalSession, Session
 
 
@@ -51,13 +52,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def warmup_epochs(train_cfg: dict) -> float:
     """`warmup_epochs` when given, else `warmup_fraction` of the epoch budget (the paper's 40 of 1000 epochs), so a
     short run leaves its warm-up as the paper's long one does."""
-    given = train_cfg.get("warmup_epochs")
-    return float(given) if given is not None else train_cfg.get("warmup_fraction", 0.0) * train_cfg["epochs"]
+    given = train_cfg["warmup_epochs"]
+    return float(given) if given is not None else train_cfg["warmup_fraction"] * train_cfg["epochs"]
 
 
 def learning_rate(train_cfg: dict, epoch: float) -> float:
     """Linear warm-up to `lr`, then a half-cycle cosine to `min_lr` at the last epoch (fractional epochs)."""
-    lr, min_lr = train_cfg["lr"], train_cfg.get("min_lr", 0.0)
+    lr, min_lr = train_cfg["lr"], train_cfg["min_lr"]
     warmup, total = warmup_epochs(train_cfg), train_cfg["epochs"]
     if epoch < warmup:
         return lr * epoch / warmup
@@ -80,19 +81,19 @@ def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, gene
     """
     d, t = cfg["diffusion"], cfg["train"]
     shard = _shard(dataset, session)
-    loader = DataLoader(shard, batch_size=t["eval_batch_size"], shuffle=False, num_workers=t.get("num_workers", 0))
+    loader = DataLoader(shard, batch_size=t["eval_batch_size"], shuffle=False, num_workers=t["num_workers"])
     model.eval()
     generator = torch.Generator(device=session.device).manual_seed(generator_seed + session.rank)
     samples, dcg_probs, labels = [], [], []
     with session.autocast():
         for x, y in loader:
             x = session.to_device(x)
-            pred = model.predict(x, d["sampler"], d.get("sample_steps"), d.get("eta", 0.0),
-                                 d.get("num_samples", 1), generator)
+            pred = model.predict(x, d["sampler"], d["sample_steps"], d["eta"],
+                                 d["num_samples"], generator)
             samples.append(pred.samples.float().cpu().transpose(0, 1))  # N×S×C: gathered by example
             dcg_probs.append(pred.dcg_probs.float().cpu())
             labels.append(y)
-    classes, draws = model.num_classes, d.get("num_samples", 1)
+    classes, draws = model.num_classes, d["num_samples"]
     local = {"index": np.asarray(shard.indices, dtype=np.int64),
              "samples": torch.cat(samples).numpy() if samples else np.zeros((0, draws, classes)),
              "dcg": torch.cat(dcg_probs).numpy() if dcg_probs else np.zeros((0, classes)),
@@ -113,7 +114,7 @@ def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, gene
 def _loader(dataset: Dataset, cfg: dict, session: Session, seed: int) -> DataLoader:
     t = cfg["train"]
     batch = min(t["batch_size"], len(dataset))
-    workers = t.get("num_workers", 0)
+    workers = t["num_workers"]
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(dataset) > batch,
                         num_workers=workers, persistent_workers=workers > 0, pin_memory=session.device.type == "cuda",
                         generator=torch.Generator().manual_seed(seed))
@@ -167,7 +168,7 @@ def _set_rng_state(state: dict) -> None:
 def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session, epoch: int, phase: str,
            ema: EMA | None) -> dict[str, float]:
     t = cfg["train"]
-    joint = t.get("joint_dcg", True)
+    joint = t["joint_dcg"]
     model.train()
     if phase == "diffusion" and not joint:
         core.dcg.eval()  # frozen guidance: BN running statistics stay as pre-training left them
@@ -181,12 +182,12 @@ def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session
         x, y = session.to_device(x), session.to_device(y)
         with session.autocast():
             losses = model(x, y, phase=phase, joint_dcg=joint, mmd_weight=t["mmd_weight"], guidance=t["guidance"],
-                           mmd_bandwidths=tuple(t.get("mmd_bandwidths", (1.0,))))
+                           mmd_bandwidths=tuple(t["mmd_bandwidths"]))
         active = [optimizers["dcg"]] if phase == "dcg" else [optimizers["denoiser"]] + ([optimizers["dcg"]] if joint else [])
         for opt in active:
             opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        if phase == "diffusion" and t.get("grad_clip"):
+        if phase == "diffusion" and t["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(core.denoiser.parameters(), t["grad_clip"])
         for opt in active:
             opt.step()
@@ -213,26 +214,28 @@ def build_optimizers(model: DiffMIC, t: dict) -> dict[str, torch.optim.Optimizer
         "denoiser": torch.optim.Adam(model.denoiser.parameters(), lr=t["lr"], betas=(0.9, 0.999), eps=1e-8,
                                      fused=True),
         "dcg": torch.optim.Adam(model.dcg.parameters(), lr=t["dcg_lr"], betas=(0.9, 0.999), eps=1e-8,
-                                amsgrad=t.get("dcg_amsgrad", True), fused=True),
+                                amsgrad=t["dcg_amsgrad"], fused=True),
     }
 
 
 def train(cfg: dict, session: Session | None = None) -> RunResult:
     """Train and evaluate one configuration; returns the best-validation metrics and the test metrics."""
     validate_config(cfg)
+    cfg = redact_config(cfg)  # it is written into every checkpoint and bundle
     session = session or LocalSession(cfg.get("output_dir") or "runs/default")
     t = cfg["train"]
-    seed = int(cfg.get("seed", 0))
-    seed_everything(seed + session.rank, cfg.get("deterministic", False))
-    data: DataSplits = build_splits(cfg["dataset"], seed=cfg["dataset"].get("split_seed", seed))
+    seed = int(cfg["seed"])
+    seed_everything(seed + session.rank, cfg["deterministic"])
+    data: DataSplits = build_splits(cfg["dataset"], seed=split_seed(cfg))
     session.log(f"data: {cfg['dataset']['name']} train {len(data.train)} / val {len(data.val)} / test "
                 f"{len(data.test)}, {data.num_classes} classes")
     torch.manual_seed(seed)  # identical initial weights on every rank
     core = build_model(cfg, data.num_classes, cfg["dataset"]["image_size"]).to(session.device)
-    if session.device.type == "cuda" and t.get("channels_last", True):
+    if session.device.type == "cuda" and t["channels_last"]:
         core = core.to(memory_format=torch.channels_last)
     optimizers = build_optimizers(core, t)
-    ema = EMA(core, t["ema_decay"]) if t.get("ema", True) else None
+    ema = EMA(core, t["ema_decay"]) if t["ema"] else None
+    session.start(cfg)
     history: list[dict] = []
     selection = Selection(t)
     best = {"epoch": 0, "value": selection.worst, "metrics": {}}
@@ -272,27 +275,26 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
                         f"{stats['dcg_samples_per_s']:.0f} img/s")
     if ema is not None and not pretrained:
         ema.reset(core)  # pre-training moved the DCG: start averaging from the weights diffusion starts from
-    if not t.get("joint_dcg", True):
+    if not t["joint_dcg"]:
         core.dcg.requires_grad_(False)
 
     loader = _loader(data.train, cfg, session, seed + 1)
     for epoch in range(start_epoch, t["epochs"]):
         _begin_epoch(loader, session, epoch)
         stats = _epoch(model, core, loader, optimizers, cfg, session, epoch, "diffusion", ema)
-        if (epoch + 1) % t.get("val_every", 1) and epoch + 1 < t["epochs"]:
+        if (epoch + 1) % t["val_every"] and epoch + 1 < t["epochs"]:
             continue
         with (ema.applied(core) if ema else _null()):
             val = evaluate(core, data.val, cfg, session, generator_seed=seed)
             if selection.better(val[select], best["value"]):
                 best = {"epoch": epoch + 1, "value": val[select], "metrics": val}
                 best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-        row = {"epoch": epoch + 1, "lr": optimizers["denoiser"].param_groups[0]["lr"], **stats,
-               **{f"val_{k}": v for k, v in val.items() if not isinstance(v, list)}}
+        row = {"epoch": epoch + 1, "lr": optimizers["denoiser"].param_groups[0]["lr"], **stats, **prefixed("val", val)}
         history.append(row)
         session.log(f"epoch {epoch + 1}/{t['epochs']}: loss {stats['train_loss']:.4f}, val acc "
                     f"{val['accuracy']:.3f} f1 {val['macro_f1']:.3f} (DCG {val['dcg_accuracy']:.3f}), "
                     f"{stats['train_samples_per_s']:.0f} img/s")
-        due = (epoch + 1) % t.get("checkpoint_every", 1) == 0 or epoch + 1 == t["epochs"]
+        due = (epoch + 1) % t["checkpoint_every"] == 0 or epoch + 1 == t["epochs"]
         session.report(row, checkpoint_state(epoch + 1) if due else None)
 
     if resumed is not None and start_epoch >= t["epochs"] and history:
@@ -305,7 +307,7 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
     elif ema is not None:
         ema.copy_to(core)
     test: dict = {}
-    if t.get("test_at_end", True):  # a search trial never looks at test; its best model is tested once, later
+    if t["test_at_end"]:  # a search trial never looks at test; its best model is tested once, later
         test = evaluate(core, data.test, cfg, session, generator_seed=seed,
                         temperature=best["metrics"].get("temperature", 1.0))  # the τ fitted on validation
     result = RunResult(val=best["metrics"], test=test, history=history, best_epoch=best["epoch"])

@@ -18,10 +18,10 @@ def load_for_evaluation(path: str | Path, overrides: list[str]):
     """(model, config, temperature) from a bundle or a training checkpoint, with dotted overrides applied to the
     config; the temperature is the one fitted on validation."""
     import torch
-    from omegaconf import OmegaConf
 
     from diffmic.bundle import MANIFEST, load_bundle
     from diffmic.checkpoint import STATE_FILE, fitted_temperature, load_eval_model, load_state
+    from diffmic.config import parse_overrides, with_values
 
     path = Path(path)
     if (path / "model" / MANIFEST).is_file():
@@ -35,8 +35,7 @@ def load_for_evaluation(path: str | Path, overrides: list[str]):
     else:
         raise FileNotFoundError(f"checkpoint={str(path)!r}: expected a run directory, a checkpoint directory "
                                 f"(with {STATE_FILE}) or an exported bundle (with {MANIFEST})")
-    merged = OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.from_dotlist(overrides))
-    cfg = OmegaConf.to_container(merged, resolve=True)
+    cfg = with_values(cfg, parse_overrides(overrides))
     model.schedule = model.schedule.to(dtype=torch.float32)
     return model, cfg, temperature
 
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors("diffmic.evaluate"):
         if "checkpoint" not in args:
             raise ValueError("checkpoint=PATH is required (a run directory, checkpoint or exported bundle)")
-        from diffmic.config import validate_config
+        from diffmic.config import split_seed, validate_config
         from diffmic.data import build_splits
         from diffmic.engine import evaluate
         from diffmic.session import Session
@@ -57,10 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         validate_config(cfg)
         if split not in ("train", "val", "test"):
             raise ValueError(f"split={split!r}: expected train, val or test")
-        data = build_splits(cfg["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
-        session = Session(amp=cfg["train"].get("amp", True))
+        data = build_splits(cfg["dataset"], seed=split_seed(cfg))
+        session = Session(amp=cfg["train"]["amp"])
         start = time.perf_counter()
-        metrics = evaluate(model.to(session.device), getattr(data, split), cfg, session, cfg.get("seed", 0),
+        metrics = evaluate(model.to(session.device), getattr(data, split), cfg, session, cfg["seed"],
                            temperature=temperature)
         metrics.update(split=split, images=len(getattr(data, split)), seconds=round(time.perf_counter() - start, 2),
                        sampler=cfg["diffusion"]["sampler"], sample_steps=cfg["diffusion"]["sample_steps"])

@@ -11,6 +11,17 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kapp
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece", "dcg_accuracy")
 
 
+def prefixed(prefix: str, metrics: dict) -> dict:
+    """{"accuracy": 0.9, "confusion_matrix": [...]} -> {"<prefix>_accuracy": 0.9}: the scalar metrics of one split
+    as the columns of a history row, a Ray report or a results table."""
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+
+
+def unprefixed(prefix: str, row: dict) -> dict:
+    """The inverse of prefixed() for one split's columns of a row."""
+    return {k[len(prefix) + 1:]: v for k, v in row.items() if k.startswith(f"{prefix}_")}
+
+
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
     confidence, predicted = probs.max(1), probs.argmax(1)
     edges = np.linspace(0, 1, bins + 1)

@@ -23,6 +23,7 @@ from diffmic.bundle import MANIFEST, META, Bundle, BundleError, load_bundle, ver
 from diffmic.cli import one_line_errors
 from diffmic.data import DataError, eval_transform, load_image
 from diffmic.diffusion import SAMPLERS
+from diffmic.remote import fetch, is_remote
 
 PROGRAM = "diffmic.predict"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -36,19 +37,8 @@ class Failure:
 
 
 def bundle_directory(uri: str) -> Path:
-    """A local directory for MODEL_URI; an s3:// bundle is mirrored into $DIFFMIC_CACHE (~/.cache/diffmic/bundles)."""
-    if uri.lower().startswith("s3://"):
-        try:
-            import botocore.exceptions as bex
-            from tune.storage import materialize
-        except ImportError as e:
-            raise ValueError(f"{uri}: loading a bundle from S3 needs the `tune` package and boto3 ({e})") from None
-        try:
-            path = materialize(uri, os.environ.get("DIFFMIC_CACHE") or Path.home() / ".cache" / "diffmic" / "bundles")
-        except (bex.BotoCoreError, bex.ClientError) as e:  # no credentials, no bucket, endpoint unreachable, …
-            raise ValueError(f"cannot download bundle {uri}: {type(e).__name__}: {e}") from None
-    else:
-        path = Path(uri).expanduser()
+    """A local directory for MODEL_URI; a remote bundle (s3://…) is mirrored into $DIFFMIC_CACHE/bundles."""
+    path = fetch(uri, "bundles") if is_remote(uri) else Path(uri).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model {uri!r}: no such bundle directory")
     return path / "model" if (path / "model" / MANIFEST).is_file() else path  # a run directory holds its bundle
@@ -153,13 +143,22 @@ def format_row(row: dict, class_names: Sequence[str], num_samples: int) -> str:
     return f"{head}  entropy {row['entropy']:.4f}{spread}  [{probs}]"
 
 
+def cell(value):
+    """A CSV cell that a spreadsheet shows as text: one starting with = + - @ (or a tab / CR before them) would be
+    read as a formula (=HYPERLINK(…) from a class name), so it gets a leading apostrophe. Numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def write_csv(path: str, rows: list[dict], class_names: Sequence[str]) -> None:
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
+    columns = [*FIXED_COLUMNS, *(f"prob_{c}" for c in class_names)]
     with target.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*FIXED_COLUMNS, *(f"prob_{c}" for c in class_names)])
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = csv.writer(f)
+        writer.writerow([cell(c) for c in columns])
+        writer.writerows([cell(row.get(c, "")) for c in columns] for row in rows)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -13,6 +13,11 @@ from typing import Any
 import torch
 
 from diffmic.checkpoint import STATE_FILE, save_checkpoint, to_jsonable
+from diffmic.errors import DiffmicError
+
+
+class SessionError(DiffmicError):
+    """A run that must not start where it was asked to; one line, nothing written."""
 
 
 class Session:
@@ -53,6 +58,9 @@ class Session:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def start(self, cfg: dict) -> None:
+        """Called once the run's data and model are built: every check has passed, outputs may be written."""
+
     def report(self, metrics: dict, state: dict | None) -> None:
         raise NotImplementedError
 
@@ -64,14 +72,29 @@ class Session:
 
 
 class LocalSession(Session):
-    """One process writing `output_dir/{history.csv, metrics.json, checkpoint/, model/}`."""
+    """One process writing `output_dir/{config.json, history.csv, metrics.json, checkpoint/, model/}`.
+
+    A run directory is never overwritten: starting a run in one that holds a run needs `resume=True`, and resuming
+    needs a checkpoint there. Both are checked here, before anything is read or written."""
+
+    OUTPUTS = ("config.json", "history.csv", "metrics.json", "checkpoint", "model")
 
     def __init__(self, output_dir: str | Path, resume: bool = False, device=None, amp: bool = True):
         super().__init__(device, amp)
         self.output_dir = Path(output_dir).resolve()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.resume = resume
         self.rows: list[dict] = []
+        found = [name for name in self.OUTPUTS if (self.output_dir / name).exists()]
+        if resume and not (self.checkpoint_dir / STATE_FILE).is_file():
+            raise SessionError(f"resume=true: no checkpoint to resume in output_dir={self.output_dir} (expected "
+                               f"checkpoint/{STATE_FILE} there); without resume=true a new run starts")
+        if found and not resume:
+            raise SessionError(f"output_dir={self.output_dir} already holds a run ({', '.join(found)}): pass "
+                               "resume=true to continue it, or choose another output_dir (nothing was changed)")
+
+    def start(self, cfg: dict) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.json").write_text(json.dumps(to_jsonable(cfg), indent=1))
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -89,12 +112,19 @@ class LocalSession(Session):
         return None
 
     def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
-        from diffmic.bundle import write_bundle
-
         write_csv(self.output_dir / "history.csv", result.history)
-        metrics = {"val": result.val, "test": result.test, "best_epoch": result.best_epoch}
-        (self.output_dir / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=1))
-        write_bundle(self.output_dir / "model", model, cfg, class_names, metrics)
+        write_result(self.output_dir, result, model, cfg, class_names)
+
+
+def write_result(directory: Path, result, model, cfg: dict, class_names: list[str],
+                 metrics_file: str = "metrics.json") -> None:
+    """What a finished run leaves, in a run directory (local) or its final checkpoint (Ray Train): the val and test
+    metrics of its evaluation weights, and those weights exported as a bundle in `model/`."""
+    from diffmic.bundle import write_bundle
+
+    metrics = to_jsonable({"val": result.val, "test": result.test, "best_epoch": result.best_epoch})
+    (directory / metrics_file).write_text(json.dumps(metrics, indent=1))
+    write_bundle(directory / "model", model, cfg, class_names, metrics)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

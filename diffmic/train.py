@@ -6,9 +6,7 @@ With `scaling.num_workers=0` (the default on a CPU machine) the run happens in t
 """
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from diffmic.cli import CONFIG_DIR, one_line_errors, to_plain
 
@@ -17,21 +15,17 @@ def run(cfg: dict) -> dict:
     """Run one configuration; returns {"val": …, "test": …} metrics."""
     from diffmic.config import validate_config
     from diffmic.engine import train
+    from diffmic.remote import localize, plugin
     from diffmic.session import LocalSession
     from diffmic.weights import check_pretrained
 
     validate_config(cfg)
     if cfg["scaling"]["num_workers"] >= 1:
-        from tune.distributed import fit  # Ray is only needed here
-        return fit(cfg)
-    if "s3://" in json.dumps([cfg["dataset"].get("root"), cfg["model"]]):
-        from tune.distributed import localize  # data or weights in S3: boto3 is only needed here
-        cfg = localize(cfg)
+        return plugin("fit", "scaling.num_workers >= 1 (training through Ray Train)")(cfg)
+    cfg = localize(cfg)  # remote data or weights (s3://…) into this node's cache
     check_pretrained(cfg["model"])  # before anything is written or read: never a silent random start
-    output = Path(cfg["output_dir"]).resolve()
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(cfg, indent=1))
-    result = train(cfg, LocalSession(output, resume=cfg.get("resume", False), amp=cfg["train"]["amp"]))
+    session = LocalSession(cfg["output_dir"], resume=cfg["resume"], amp=cfg["train"]["amp"])  # no overwrite
+    result = train(cfg, session)  # writes config.json once data and model are built
     return {"val": result.val, "test": result.test}
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 
+from diffmic.errors import DiffmicError
+
 PAPER_DCG_BACKBONE = "resnet50.tv_in1k"
 STREAMS = ("dcg", "denoiser")
 
 
-class WeightsError(ValueError):
+class WeightsError(DiffmicError, ValueError):
     """Pretrained weights that cannot be had; one line naming the key and how to supply them."""
 
 

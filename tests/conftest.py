@@ -3,8 +3,11 @@ import uuid
 
 import pytest
 
+from diffmic.compat import ensure_torchvision_importable
+
 # No hub access here: without this every timm/HF lookup retries for ~40 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ensure_torchvision_importable()  # the test process starts here (timm imports torchvision)
 
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmic.data import DataError, DataSplits, build_splits, eval_transform, load_image  # before torchvision
+from diffmic.data import DataError, DataSplits, build_splits, eval_transform, load_image
 from diffmic.data.config import resolve_config
 from diffmic.data.safe_pickle import load_list_file
 from diffmic.data.sources import APTOS_CLASSES, ISIC_CLASSES
@@ -266,6 +266,28 @@ def test_transforms_and_load_image(tmp_path):
     assert load_image(gray).mode == "RGB"
 
 
+def test_transforms_match_torchvision():
+    """The data path's own transforms give exactly torchvision's tensors, random draws included."""
+    from diffmic.compat import ensure_torchvision_importable
+    ensure_torchvision_importable()
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8))
+    bilinear = InterpolationMode.BILINEAR
+    reference = T.Compose([CenterSquareCrop(), T.Resize((S, S), interpolation=bilinear), T.RandomHorizontalFlip(0.5),
+                           T.RandomVerticalFlip(0.5), T.RandomRotation(30.0, interpolation=bilinear, fill=0),
+                           T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    ours = train_transform(S, hflip=True, vflip=True, rotation=30)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        expected = reference(img)
+        torch.manual_seed(seed)
+        assert torch.equal(ours(img), expected), seed
+    assert torch.equal(eval_transform(S)(img), T.Compose([*reference.transforms[:2], *reference.transforms[-2:]])(img))
+
+
 def test_yaml_defaults_match_code():
     yaml = pytest.importorskip("yaml")
     for f in sorted((Path(__file__).parents[1] / "configs" / "dataset").glob("*.yaml")):
@@ -373,6 +395,26 @@ def test_bad_folders(tmp_path):
     for c in ("cat", "dog"):
         (empty / "test" / c).mkdir(parents=True)
     raises({"name": "folder", "root": str(empty)}, "test split is empty")
+    one = make_folder(tmp_path / "one", classes=("cat",))  # nothing to classify: every metric would read 1.000
+    raises({"name": "folder", "root": str(one)}, "1 class ('cat')", "expected at least 2")
+
+
+@pytest.mark.timeout(60)
+def test_list_file_bombs_give_one_line(tmp_path):
+    shared = []
+    for _ in range(60):  # 2**60 elements when walked, a few hundred bytes on disk (the memo shares them)
+        shared = [shared, shared]
+    bomb = tmp_path / "bomb.pkl"
+    bomb.write_bytes(pickle.dumps([shared]))
+    assert bomb.stat().st_size < 1000
+    raises(lambda: load_list_file(bomb), "item 0 is a list of 2 items")
+    deep = tmp_path / "deep.pkl"  # a 100 000-deep list, written by hand (Python's pickler would recurse)
+    deep.write_bytes(b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b".")
+    raises(lambda: load_list_file(deep), "item 0 is a list of 1 items")
+    big = tmp_path / "big.pkl"
+    with big.open("wb") as f:
+        f.truncate((64 << 20) + 1)
+    raises(lambda: load_list_file(big), "at most 67108864 bytes")
 
 
 def test_restricted_unpickler(tmp_path):

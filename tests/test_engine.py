@@ -10,7 +10,7 @@ from diffmic.bundle import BundleError, load_bundle
 from diffmic.checkpoint import load_eval_model, load_state
 from diffmic.data import build_splits
 from diffmic.engine import train
-from diffmic.session import LocalSession
+from diffmic.session import LocalSession, SessionError
 
 from helpers import TINY, compose
 
@@ -63,6 +63,7 @@ def _untimed(history):
     return [{k: v for k, v in row.items() if not k.endswith(("samples_per_s", "time_s"))} for row in history]
 
 
+@pytest.mark.slow  # three short trainings (make test-fast skips it)
 @pytest.mark.parametrize("mode", ["max", "min"])
 def test_a_killed_and_resumed_run_ends_bit_for_bit_where_the_uninterrupted_run_ends(tmp_path, mode):
     overrides = ["train.epochs=3", "train.select_metric=accuracy", f"train.select_mode={mode}"]
@@ -84,6 +85,29 @@ def test_selection_follows_the_mode(tmp_path):
     result, _ = run(tmp_path, "ece", ["train.epochs=3", "train.select_metric=ece", "train.select_mode=min"])
     eces = [row["val_ece"] for row in result.history]
     assert result.best_epoch == 1 + eces.index(min(eces)) and result.val["ece"] == min(eces)
+
+
+def test_a_run_directory_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text("{}")
+    with pytest.raises(SessionError, match=r"already holds a run \(metrics.json\).*resume=true.*nothing was changed"):
+        LocalSession(old)
+    with pytest.raises(SessionError, match="resume=true: no checkpoint to resume"):
+        LocalSession(tmp_path / "new", resume=True)
+    with pytest.raises(SessionError, match="no checkpoint to resume"):
+        LocalSession(old, resume=True)
+    assert not (tmp_path / "new").exists() and (old / "metrics.json").read_text() == "{}"
+
+
+def test_no_password_reaches_a_checkpoint_config_or_bundle(tmp_path):
+    cfg = compose(TINY + ["train.epochs=1"])
+    cfg["search"] = {"optuna_storage": "postgresql://diffmic:hunter2-db-pass@db.internal/studies"}
+    train(cfg, LocalSession(tmp_path / "run"))
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name == "state.pt" for p in written) and any(p.name == "config.json" for p in written)
+    assert not [p for p in written if b"hunter2-db-pass" in p.read_bytes()]
+    assert "postgresql://diffmic:***@db.internal" in (tmp_path / "run" / "config.json").read_text()
 
 
 def test_resume_with_nothing_left_still_reports(tmp_path):
@@ -117,6 +141,7 @@ def test_bundle_predictions_match_the_in_memory_model_and_tampering_is_refused(t
         load_bundle(tmp_path / "a" / "model")
 
 
+@pytest.mark.slow  # a command line in a fresh process: seconds of imports (make test-fast skips it)
 def test_cli_train_and_evaluate(tmp_path):
     out = tmp_path / "cli"
     args = [f"output_dir={out}", *TINY]
@@ -133,6 +158,7 @@ def test_cli_train_and_evaluate(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["sample_steps"] == 3, r.stderr
 
 
+@pytest.mark.slow  # a command line in a fresh process: seconds of imports (make test-fast skips it)
 def test_cli_bad_input_is_one_line_before_training(tmp_path):
     r = subprocess.run([sys.executable, "-m", "diffmic.train", f"output_dir={tmp_path}/x", "dataset=folder",
                         "model.dcg.pretrained=false", f"dataset.root={tmp_path}/missing"], capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ import torch
 
 from diffmic.models import DCG, Denoiser, build_model, crop_rois, select_rois
 from diffmic.models.dcg import cells_to_pixels, top_t_aggregate
+from helpers import compose
 
 ROI = json.loads((Path(__file__).parent / "data" / "roi.json").read_text())
 
@@ -93,11 +94,9 @@ def test_red_crops_repeat_channel_zero():
     assert torch.equal(crops[:, 0], crops[:, 1]) and torch.equal(crops[:, 0], crops[:, 2])
 
 
-CFG = {
-    "model": {"dcg": {"backbone": "resnet18", "output_stride": 16, "roi_count": 4, "crop_size": 16},
-              "denoiser": {"encoder": "resnet18", "feature_dim": 64}},
-    "diffusion": {"timesteps": 50, "schedule": "linear"},
-}
+CFG = compose(["model.dcg.backbone=resnet18", "model.dcg.output_stride=16", "model.dcg.roi_count=4",
+               "model.dcg.crop_size=16", "model.dcg.pretrained=false", "model.denoiser.encoder=resnet18",
+               "model.denoiser.feature_dim=64", "diffusion.timesteps=50", "diffusion.schedule=linear"])
 
 
 def test_denoiser_embedding_is_computed_once_per_batch():

@@ -73,6 +73,7 @@ def rehash(bundle_dir) -> None:
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow  # a command line in a fresh process: seconds of imports (make test-fast skips it)
 def test_cli_predicts_a_directory_skips_a_corrupt_image_and_writes_csv(run, tmp_path):
     images = shutil.copytree(run["images"], tmp_path / "images")
     (images / "broken.png").write_bytes(b"\x89PNG not really")
@@ -129,6 +130,18 @@ def test_round_trip_bundle_predicts_what_the_in_memory_model_predicted(run):
     assert predict_paths(in_memory, run["paths"], **settings, batch_size=8, device="cpu", seed=7)[0] == rows
 
 
+def test_csv_cells_cannot_become_spreadsheet_formulas(tmp_path):
+    from diffmic.predict import write_csv
+
+    names = ['=HYPERLINK("http://x","y")', "benign"]
+    row = {"path": "@evil.png", "predicted": names[0], "confidence": 0.9, "entropy": 0.1, "sample_std": -0.0,
+           f"prob_{names[0]}": 0.9, "prob_benign": 0.1}
+    write_csv(str(tmp_path / "p.csv"), [row], names)
+    header, values = list(csv.reader((tmp_path / "p.csv").open()))
+    assert header[5] == "prob_" + names[0]  # the formula is not at the cell's start there
+    assert values[0] == "'@evil.png" and values[1] == "'" + names[0] and values[2] == "0.9" and values[4] == "-0.0"
+
+
 def test_tampered_weights_are_refused_before_predicting(bundle_copy, run, capsys):
     weights = bundle_copy / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -144,6 +157,30 @@ def test_missing_file_in_bundle_is_named(bundle_copy, run, capsys):
     code, out, err = cli(capsys, bundle_copy, run["images"])
     assert code == 2 and out == ""
     assert "config.json is missing" in one_error_line(err)
+
+
+@pytest.mark.parametrize("name", ["../../../../../etc/hostname", "/etc/hostname", "extra.json"])
+def test_a_manifest_naming_any_other_file_is_refused_before_reading_it(bundle_copy, run, capsys, name):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256(b"whatever").hexdigest()
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = cli(capsys, bundle_copy, run["images"])
+    assert code == 2 and out == ""
+    assert "not a bundle file" in one_error_line(err)
+
+
+def test_a_linked_or_oversized_bundle_file_is_refused(bundle_copy, run, capsys, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_bytes((bundle_copy / "config.json").read_bytes())
+    (bundle_copy / "config.json").unlink()
+    (bundle_copy / "config.json").symlink_to(outside)
+    code, _, err = cli(capsys, bundle_copy, run["images"])
+    assert code == 2 and "config.json is missing (or a link" in one_error_line(err)
+    (bundle_copy / "config.json").unlink()
+    (bundle_copy / "config.json").write_text(" " * (5 << 20) + "{}")
+    rehash(bundle_copy)
+    code, _, err = cli(capsys, bundle_copy, run["images"])
+    assert code == 2 and "config.json is 5242882 bytes" in one_error_line(err)
 
 
 def test_incompatible_manifest_format_is_refused(bundle_copy, run, capsys):

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-import diffmic  # noqa: F401 — the torchvision fix, before timm is imported
 import timm
 from safetensors.torch import load_file, save_file
 
@@ -127,6 +126,7 @@ def test_paper_presets_start_pretrained_and_a_weights_file_initialises_both_dcg_
     build_model(gone, 7, 64, initial_weights=False)
 
 
+@pytest.mark.slow  # a command line in a fresh process: seconds of imports (make test-fast skips it)
 def test_no_hub_and_no_weights_file_stops_before_training_with_one_line(tmp_path):
     with pytest.raises(WeightsError) as e:  # conftest sets HF_HUB_OFFLINE=1
         check_pretrained(compose(["dataset=isic2018"])["model"])
@@ -156,7 +156,7 @@ def test_weights_fetch_writes_a_file_the_dcg_loads(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_weights_in_s3_are_fetched_once_into_the_node_cache(s3_server, s3_bucket, tmp_path, monkeypatch):
-    from tune.distributed import localize
+    from diffmic.remote import localize
 
     state = _weights_file(tmp_path / "w.safetensors")
     s3_server.client().upload_file(str(tmp_path / "w.safetensors"), s3_bucket, "weights/r10t.safetensors")

@@ -4,8 +4,8 @@ REPORT_EXPERIMENT_URI=<storage root>/<experiment> points the browser test at a r
 """
 from __future__ import annotations
 
-import io
 import json
+from html.parser import HTMLParser
 import os
 import re
 import shutil
@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tune.report import build_report, split_uri, write_report
+from tune.record import FORMAT, Record, RecordError, best_row
+from tune.report import build_report, write_report
 from tune.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,14 +36,7 @@ EPOCHS, EPOCH_S = 4, 30.0
 SECRET = "report-test-secret-marker-7c1f"
 
 
-# ---------------------------------------------------------------- a fake search's outputs, as tune/search.py writes
-def write_table(storage, rel: str, frame: pd.DataFrame) -> None:
-    storage.write_text(f"{rel}.csv", frame.to_csv(index=False))
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    storage.write_bytes(f"{rel}.parquet", buffer.getvalue())
-
-
+# ---------------------------------------------------------------- a fake search's outputs, written through the record
 def fake_trial(ds: str, i: int, n: int, rng, error: bool) -> tuple[dict, list[dict]]:
     """(summary row, history rows); every third trial is stopped by ASHA after 2 epochs."""
     tid = {3: "4e000003", 4: "10000004"}.get(i, f"{ds[:3]}_{i:05d}")  # hex ids like Ray's: text, not numbers
@@ -66,17 +60,15 @@ def fake_trial(ds: str, i: int, n: int, rng, error: bool) -> tuple[dict, list[di
             "status": "STOPPED_EARLY" if epochs < EPOCHS else "COMPLETED"}, history
 
 
-def fake_best(root: Path, ds: str, top: pd.Series) -> tuple[dict, dict]:
-    """(best.json entry, best table row) for the dataset's top trial."""
+def fake_best(root: Path, ds: str, top: pd.Series) -> dict:
+    """The best.json entry of the dataset's top trial."""
     test = {m: float(top[f"val_{m}"]) - 0.02 for m in METRICS}
     uris = {"checkpoint_uri": top["checkpoint_path"], "bundle_uri": f"{root}/best/{ds}"}
     entry = {"trial_id": top["trial_id"], "params": {k: top[k] for k in KEYS},
              "val": {m: top[f"val_{m}"] for m in METRICS}, "class_names": ["benign", "malignant", "other"],
              "test": {**test, "per_class_recall": [0.8, 0.7, 0.8],
                       "confusion_matrix": [[8, 1, 1], [2, 7, 1], [0, 2, 8]]}, **uris}
-    row = {"dataset": ds, "trial_id": top["trial_id"], **{k: top[k] for k in KEYS},
-           **{f"val_{m}": top[f"val_{m}"] for m in METRICS}, **{f"test_{m}": v for m, v in test.items()}, **uris}
-    return entry, row
+    return entry
 
 
 def make_optuna_study(path: Path, name: str, trials: pd.DataFrame) -> None:
@@ -97,8 +89,8 @@ def make_optuna_study(path: Path, name: str, trials: pd.DataFrame) -> None:
 def make_experiment(root: Path, name: str = "exp1", datasets=("synthetic", "isic"), trials: int = 6,
                     optuna_for=("synthetic",), best_for=("synthetic", "isic"), all_error=()) -> int:
     """A fake search under root/name (the last dataset's last trial errored); returns the number of trials."""
-    storage, rng = open_storage(str(root)), np.random.default_rng(0)
-    summary, history, best_rows, best_json = [], [], [], {}
+    record, rng = Record(open_storage(str(root)), name), np.random.default_rng(0)
+    summary, history, best_json = [], [], {}
     for ds in datasets:
         rows = []
         for i in range(trials):
@@ -112,17 +104,14 @@ def make_experiment(root: Path, name: str = "exp1", datasets=("synthetic", "isic
         if ds in optuna_for and len(ok):
             make_optuna_study(root / name / "optuna" / f"{ds}.db", f"{name}-{ds}", ok)
         if ds in best_for and len(ok):
-            best_json[ds], row = fake_best(root, ds, ok.loc[ok["val_macro_f1"].idxmax()])
-            best_rows.append(row)
-    write_table(storage, f"{name}/summary", pd.concat(summary, ignore_index=True))
-    write_table(storage, f"{name}/history", pd.DataFrame(history))
-    write_table(storage, f"{name}/best", pd.DataFrame(best_rows))
-    storage.write_text(f"{name}/best.json", json.dumps(best_json, default=lambda v: v.item()))
-    meta = {"experiment": name, "datasets": list(datasets), "metric": "val_macro_f1", "mode": "max",
-            "num_samples": trials, "scheduler": "asha", "sampler": "tpe", "epochs_per_trial": EPOCHS,
-            "space": {n: {"key": k, "kind": kind, "values": v} for n, (k, kind, v) in SPACE.items()},
-            "started": 1.7e9, "wall_time_s": 5432.1}
-    storage.write_text(f"{name}/search.json", json.dumps(meta))
+            best_json[ds] = fake_best(root, ds, ok.loc[ok["val_macro_f1"].idxmax()])
+    record.write_table("summary", pd.concat(summary, ignore_index=True))
+    record.write_table("history", pd.DataFrame(history))
+    record.write_best(best_json)
+    search = {"metric": "val_macro_f1", "mode": "max", "num_samples": trials, "scheduler": "asha", "sampler": "tpe",
+              "epochs_per_trial": EPOCHS,
+              "space": {n: {"key": k, "kind": kind, "values": v} for n, (k, kind, v) in SPACE.items()}}
+    record.write_search({ds: search for ds in datasets}, started=1.7e9, wall_time_s=5432.1)
     return sum(len(s) for s in summary)
 
 
@@ -141,7 +130,7 @@ def test_report_is_self_contained_and_complete(experiment, monkeypatch):
     root, name, n = experiment
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://keyid:endpoint-pass-9d2e@127.0.0.1:1")
-    uri = write_report(open_storage(str(root)), name)
+    uri = write_report(Record(open_storage(str(root)), name))
     assert uri == str(root / name / "report.html")
     page = Path(uri).read_text()
     assert page.count("plotly.js v") == 1 and page.count('<script type="text/javascript">/**') == 1  # inline, once
@@ -164,54 +153,101 @@ def test_secret_in_the_data_is_redacted(experiment, monkeypatch):
     best["synthetic"]["bundle_uri"] = f"s3://bucket/p?token={SECRET}"
     best["synthetic"]["checkpoint_uri"] = "http://user:hunter2pass@host/x"
     (root / name / "best.json").write_text(json.dumps(best))
-    page = build_report(str(root), name)
+    page = build_report(Record.at(str(root / name)))
     assert SECRET not in page and "hunter2pass" not in page and "token=***" in page
+
+
+def test_values_from_a_tampered_record_cannot_inject_markup(experiment):
+    """Class names, metric values, trial ids and statuses are data: escaped in HTML, \\u-escaped in plot JSON."""
+    root, name, _ = experiment
+    evil = '"><img src=x onerror=alert(1)>'
+    best = json.loads((root / name / "best.json").read_text())
+    best["synthetic"]["class_names"] = [evil] * 3
+    best["synthetic"]["test"]["accuracy"] = evil
+    best["synthetic"]["val"]["macro_f1"] = evil
+    (root / name / "best.json").write_text(json.dumps(best))
+    record = Record.at(str(root / name))
+    summary = record.read_table("summary")
+    summary.loc[0, "trial_id"], summary.loc[1, "status"] = evil, "x onmouseover=alert(3)"
+    record.write_table("summary", summary)
+    page = build_report(record)
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page  # shown as the text it is
+
+    class Tags(HTMLParser):
+        attributes: set[str] = set()
+
+        def handle_starttag(self, tag, attrs):
+            self.attributes |= {name for name, _ in attrs}
+
+    parser = Tags()
+    parser.feed(page)
+    assert {"class", "data-v", "id"} <= parser.attributes and not [a for a in parser.attributes if a.startswith("on")]
 
 
 def test_missing_pieces_are_said_not_fatal(tmp_path):
     n = make_experiment(tmp_path, "e2", datasets=("synthetic", "broken"), optuna_for=(), best_for=("synthetic",),
                         all_error=("broken",))
-    page = build_report(str(tmp_path), "e2")
+    page = build_report(Record.at(str(tmp_path / "e2")))
     assert table_rows(page) == n
     assert "No best trial for broken" in page and "Every trial of this dataset failed" in page
     assert "No Optuna study stored" in page and "No per-epoch history" in page
-    st = open_storage(str(tmp_path))  # an all-error search: a summary, nothing else
-    write_table(st, "e3/summary", pd.DataFrame([{"dataset": "synthetic", "trial_id": "t1", "diffusion.timesteps": 100,
-                                                 "status": "ERROR", "epochs_run": 0, "stopped_early": False}]))
-    page = build_report(st, "e3")
+    record = Record(open_storage(str(tmp_path)), "e3")  # an all-error search: no history, no best trial
+    record.write_table("summary", pd.DataFrame([{"dataset": "synthetic", "trial_id": "t1", "diffusion.timesteps": 100,
+                                                "status": "ERROR", "epochs_run": 0, "stopped_early": False,
+                                                "wall_time_s": None, "cpu_hours": 0.0, "gpu_hours": 0.0}]))
+    record.write_search({"synthetic": json.loads((tmp_path / "e2" / "search.json").read_text())["datasets"]["broken"]},
+                        started=1.7e9, wall_time_s=1.0)
+    page = build_report(record)
     assert table_rows(page) == 1 and "No best trial for synthetic" in page
-    with pytest.raises(FileNotFoundError, match="no search results"):
-        build_report(st, "nothing-here")
+    with pytest.raises(RecordError, match="no search results"):
+        build_report(Record(open_storage(str(tmp_path)), "nothing-here"))
 
 
-def test_best_table_stands_in_for_best_json(tmp_path):
-    make_experiment(tmp_path, "e5", datasets=("synthetic",))
-    (tmp_path / "e5" / "best.json").unlink()
-    page = build_report(str(tmp_path), "e5")
-    best = pd.read_parquet(tmp_path / "e5" / "best.parquet").iloc[0]
-    assert f"Trial <b>{best['trial_id']}</b>" in page and "No test confusion matrix" in page
+def test_record_round_trip_and_format(tmp_path):
+    """What the search writes is what the readers get: per-dataset descriptions, the best table derived from
+    best.json (so they agree), a format the reader checks, and format-0 records still readable."""
+    make_experiment(tmp_path, "e6", datasets=("synthetic", "isic"))
+    record = Record.at(str(tmp_path / "e6"))
+    res = record.load()
+    meta = json.loads((tmp_path / "e6" / "search.json").read_text())
+    assert meta["format"] == FORMAT and list(meta["datasets"]) == ["synthetic", "isic"] == res.datasets
+    assert res.metric("isic") == "val_macro_f1" and not res.minimize("isic") and len(res.params("isic")) == len(SPACE)
+    best_table = record.read_table("best")
+    assert best_table.to_dict("records") == [best_row(d, e) for d, e in record.read_best().items()]
+    assert best_table["trial_id"].tolist() == [res.ranked(d).iloc[0]["trial_id"] for d in res.datasets]
+    old = {"experiment": "e6", "datasets": ["synthetic", "isic"], **meta["datasets"]["isic"], "mode": "min"}
+    (tmp_path / "e6" / "search.json").write_text(json.dumps(old))  # format 0: one description for every dataset
+    res = record.load()
+    assert res.datasets == ["synthetic", "isic"] and res.minimize("synthetic") and res.minimize("isic")
+    (tmp_path / "e6" / "search.json").write_text(json.dumps({**meta, "format": FORMAT + 1}))
+    with pytest.raises(RecordError, match=f"format {FORMAT + 1}"):
+        record.load()
 
 
 def test_sample_steps_not_searched_says_so(tmp_path):
     make_experiment(tmp_path, "e4", datasets=("synthetic",))
     meta = json.loads((tmp_path / "e4" / "search.json").read_text())
-    del meta["space"]["sample_steps"]
+    del meta["datasets"]["synthetic"]["space"]["sample_steps"]
     (tmp_path / "e4" / "search.json").write_text(json.dumps(meta))
-    assert "diffusion.sample_steps was not searched" in build_report(str(tmp_path), "e4")
+    assert "diffusion.sample_steps was not searched" in build_report(Record.at(str(tmp_path / "e4")))
 
 
-def test_split_uri(tmp_path):
-    assert split_uri("s3://bucket/prefix/exp/") == ("s3://bucket/prefix", "exp")
-    assert split_uri("s3://bucket/exp") == ("s3://bucket", "exp")
+def test_record_at_uri(tmp_path):
+    def where(uri):
+        record = Record.at(uri)
+        return record.storage.uri, record.experiment
+    assert where("s3://bucket/prefix/exp/") == ("s3://bucket/prefix", "exp")
+    assert where("s3://bucket/exp") == ("s3://bucket", "exp")
     (tmp_path / "e").mkdir()
-    assert split_uri(str(tmp_path / "e")) == (str(tmp_path), "e")
-    with pytest.raises(FileNotFoundError):
-        split_uri(str(tmp_path / "missing"))
-    with pytest.raises(ValueError):
-        split_uri("s3://bucket")
+    assert where(str(tmp_path / "e")) == (str(tmp_path), "e")
+    with pytest.raises(RecordError, match="no experiment directory"):
+        Record.at(str(tmp_path / "missing"))
+    with pytest.raises(RecordError, match="expected s3://bucket"):
+        Record.at("s3://bucket")
 
 
 # ---------------------------------------------------------------- command line and storage
+@pytest.mark.slow  # a command line in a fresh process: seconds of imports (make test-fast skips it)
 def test_cli_serve(experiment):
     """`--serve` on a free port: the URL is printed, the page is served, Ctrl-C stops it."""
     root, name, _ = experiment
@@ -241,6 +277,7 @@ def test_cli_serve(experiment):
     assert not (root / name / "report.html").exists()  # --output wrote the page there instead
 
 
+@pytest.mark.slow  # a command line in a fresh process: seconds of imports (make test-fast skips it)
 def test_cli_bad_uri(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tune" / "report.py"), str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120)
@@ -252,7 +289,7 @@ def test_report_on_s3(tmp_path, s3_bucket):
     make_experiment(tmp_path / "local", "exp1")
     st = open_storage(f"s3://{s3_bucket}/runs")
     st.upload_dir(tmp_path / "local" / "exp1", "exp1")
-    assert write_report(st, "exp1") == f"s3://{s3_bucket}/runs/exp1/report.html"
+    assert write_report(Record(st, "exp1")) == f"s3://{s3_bucket}/runs/exp1/report.html"
     page = st.read_text("exp1/report.html")
     assert table_rows(page) == 12 and "6 completed trials" in page  # the Optuna study came through S3 too
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in page
@@ -285,13 +322,10 @@ def chromium() -> tuple[str, str]:
 def the_page(tmp_path: Path) -> tuple[str, int, str]:
     """(page, trial count, metric): a real search's (REPORT_EXPERIMENT_URI) or a generated one."""
     if os.environ.get("REPORT_EXPERIMENT_URI"):
-        root, name = split_uri(os.environ["REPORT_EXPERIMENT_URI"])
-        st = open_storage(root, check=False)
-        summary = pd.read_parquet(io.BytesIO(st.read_bytes(f"{name}/summary.parquet")))
-        metric = json.loads(st.read_text(f"{name}/search.json")).get("metric", "val_macro_f1")
-        return build_report(st, name), len(summary), metric
+        res = Record.at(os.environ["REPORT_EXPERIMENT_URI"]).load()
+        return build_report(res.record), len(res.summary), res.metric(res.datasets[0])
     n = make_experiment(tmp_path / "root", "exp1")
-    return build_report(str(tmp_path / "root"), "exp1"), n, "val_macro_f1"
+    return build_report(Record.at(str(tmp_path / "root" / "exp1"))), n, "val_macro_f1"
 
 
 @pytest.mark.integration

@@ -217,7 +217,8 @@ def test_default_space_parses_into_config_keys(search_cfg):
 
 
 def test_extended_space_and_sampling_domains(search_cfg):
-    from tune.space import apply, check_against_config, get_key, parse_space, tune_space
+    from diffmic.config import with_values
+    from tune.space import check_against_config, get_key, parse_space, tune_space
 
     cfg = compose(["search=extended"], config_name="search")
     params = parse_space(cfg["search"]["space"], cfg)
@@ -229,7 +230,7 @@ def test_extended_space_and_sampling_domains(search_cfg):
     domains = tune_space(params)
     assert set(domains) == set(keys)  # a trial's values are keyed by config key: they are overrides
     assert lr.values[0] <= domains["train.lr"].sample() <= lr.values[1]
-    trial = apply(cfg, {"diffusion.timesteps": 250, "train.lr": 1e-3})
+    trial = with_values(cfg, {"diffusion.timesteps": 250, "train.lr": 1e-3})
     assert get_key(trial, "diffusion.timesteps") == 250 and trial["train"]["lr"] == 1e-3
     assert cfg["train"]["lr"] != 1e-3  # the base config is left alone
     check_against_config(params, cfg)  # its sample_steps are DDIM steps
@@ -302,35 +303,36 @@ def test_valid_combinations_pass(search_cfg):
     check_against_config(parse_space(space, search_cfg), search_cfg)
 
 
-def _proposals(searcher_cls, n: int):
+def _proposals(distinct: bool, n: int):
     """n trials of a 6-point space, each scored by `a` alone, so that TPE soon wants the a=2 points again."""
     import optuna
     from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.searcher import DistinctSampler
 
     space = {"a": tune.choice([1, 2]), "b": tune.choice(["x", "y", "z"])}
-    searcher = searcher_cls(space=space, metric="m", mode="max",
-                            sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=2)
+    storage = optuna.storages.InMemoryStorage()
+    searcher = OptunaSearch(space=space, metric="m", mode="max", storage=storage, study_name="s",
+                            sampler=DistinctSampler(sampler, seed=0) if distinct else sampler)
     configs = []
     for i in range(n):
         config = searcher.suggest(f"t{i}")
         configs.append((config["a"], config["b"]))
         searcher.on_trial_complete(f"t{i}", {"m": float(config["a"])})
-    return searcher, configs
+    return searcher, configs, optuna.load_study(study_name="s", storage=storage)
 
 
 def test_the_searcher_never_runs_a_configuration_twice():
     from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
 
-    from tune.searcher import REPEAT_OF, DistinctOptunaSearch
-
-    _, plain = _proposals(OptunaSearch, 6)
-    assert len(set(plain)) < 6, plain  # what the class is for: plain TPE repeats itself on a small space
-    searcher, configs = _proposals(DistinctOptunaSearch, 6)
+    _, plain, _ = _proposals(False, 6)
+    assert len(set(plain)) < 6, plain  # what the sampler is for: plain TPE repeats itself on a small space
+    searcher, configs, study = _proposals(True, 6)
     assert len(set(configs)) == 6, configs
-    trials = searcher._ot_study.get_trials(deepcopy=False)
-    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 6
-    assert all(t.state == TrialState.FAIL for t in trials if REPEAT_OF in t.user_attrs)  # invisible to TPE
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)  # no hidden extra trials
     # An exhausted space: the seventh trial repeats a point rather than asking forever.
     seventh = searcher.suggest("t6")
     assert (seventh["a"], seventh["b"]) in set(configs)
@@ -351,6 +353,7 @@ BAD_INPUT = {
 }
 
 
+@pytest.mark.slow  # a command line in a fresh process: seconds of imports (make test-fast skips it)
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_fails_before_ray(case, ray_tmp, tmp_path):
     args, expected = BAD_INPUT[case]
@@ -561,6 +564,47 @@ def test_asha_stops_a_trial_early(ray_tmp, tmp_path):
     history = _csv(storage / "asha" / "history.csv")
     for _, row in stopped.iterrows():
         assert (history["trial_id"] == row["trial_id"]).sum() == row["epochs_run"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("metric,mode", [("val_accuracy", "max"), ("val_ece", "min")])
+def test_the_exported_weights_are_those_of_the_epoch_the_search_reports(ray_tmp, tmp_path, metric, mode):
+    """One selection rule: the epoch a search reports (summary, best row) is the epoch whose weights it exports, for a
+    metric other than the default and for a minimised one."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from diffmic.checkpoint import evaluation_weights, load_state
+    from tune.record import Record
+
+    storage = tmp_path / "results"
+    _ok(_search(["experiment=sel", f"storage.uri={storage}", "report=false", "export=true",
+                 *tiny("search.num_samples=1", "search.scheduler=none", "train.epochs=3", f"search.metric={metric}",
+                       f"search.mode={mode}")], ray_tmp, "sel.log"))
+    res = Record.at(str(storage / "sel")).load()
+    assert res.metric("synthetic") == metric and res.minimize("synthetic") == (mode == "min")
+    row = res.summary.iloc[0]
+    history = res.history[res.history["trial_id"] == row["trial_id"]].set_index("epoch")
+    best_value = history[metric].max() if mode == "max" else history[metric].min()
+    assert row[metric] == best_value == history.loc[row["best_epoch"], metric]
+    best = pd.read_csv(storage / "sel" / "best.csv").iloc[0]
+    assert best["trial_id"] == row["trial_id"] and best[metric] == row[metric]
+    state = load_state(Path(best["checkpoint_uri"]))
+    assert state["best"]["epoch"] == row["best_epoch"] and state["best"]["metrics"][metric[4:]] == row[metric]
+    bundle = storage / "sel" / "best" / "synthetic"
+    exported = load_file(str(bundle / "model.safetensors"))
+    weights = dict(evaluation_weights(state))
+    assert exported.keys() == weights.keys()
+    assert all(torch_equal(exported[k], weights[k]) for k in exported)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["metrics"]["val"][metric[4:]] == row[metric] and meta["provenance"]["selected_on"] == metric
+    assert (storage / "best" / "synthetic" / "manifest.json").is_file()  # the first model of a dataset is current
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return torch.equal(a.float(), b.float())
 
 
 def test_a_re_reported_last_epoch_is_one_history_row_with_its_checkpoint(search_cfg):

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tune import storage
-from tune.storage import StorageError, materialize, open_storage, redact
+from tune.storage import local as local_backend
+from tune.storage import s3 as s3_backend
+from tune.storage import Storage, StorageError, materialize, open_storage, redact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def count_calls(operation: str):
     """Count S3 API calls of one kind made through the module's cached transfer client."""
     calls: list[str] = []
-    events = storage._client().meta.events
+    events = s3_backend._client().meta.events
     events.register(f"before-call.s3.{operation}", lambda **kw: calls.append(operation), unique_id="count")
     try:
         yield calls
@@ -53,7 +54,7 @@ def make_tree(root: Path) -> dict[str, bytes]:
     return files
 
 
-def roundtrip(st: storage.Storage, tmp_path: Path) -> None:
+def roundtrip(st: Storage, tmp_path: Path) -> None:
     """The same behaviour on every backend."""
     assert not st.exists("exp/x.txt")
     st.write_text("exp/x.txt", "héllo")
@@ -90,7 +91,7 @@ def test_local_roundtrip(tmp_path):
     assert st.uri == str((tmp_path / "runs/r1").resolve()) and not st.is_s3 and Path(st.uri).is_dir()
     assert st.ray_storage_path == st.uri and st.ray_filesystem() is None
     roundtrip(st, tmp_path)
-    assert not [p for p in Path(st.uri).rglob("*") if storage._TMP_MARK in p.name]  # atomic writes leave no tmp
+    assert not [p for p in Path(st.uri).rglob("*") if local_backend.TMP_MARK in p.name]  # atomic writes leave no tmp
 
 
 def test_local_uri_forms(tmp_path, monkeypatch):
@@ -158,7 +159,7 @@ def test_s3_list_paginates(s3_server, s3_bucket, monkeypatch):
     with count_calls("ListObjectsV2") as calls:
         assert st.list("many") == names
     assert len(calls) == 2
-    monkeypatch.setattr(storage, "_LIST_PAGE_SIZE", 97)
+    monkeypatch.setattr(s3_backend, "LIST_PAGE_SIZE", 97)
     with count_calls("ListObjectsV2") as calls:
         assert st.list() == names
     assert len(calls) == 12
@@ -271,8 +272,8 @@ def test_materialize_concurrent_processes(s3_server, s3_bucket, tmp_path):
     with cf.ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda kv: client.put_object(Bucket=s3_bucket, Key=f"big/{kv[0]}", Body=kv[1]),
                     expected.items()))
-    code = ("import sys; from tune import storage; gets = []\n"
-            "storage._client().meta.events.register('before-call.s3.GetObject', lambda **kw: gets.append(1))\n"
+    code = ("import sys; from tune import storage; from tune.storage import s3; gets = []\n"
+            "s3._client().meta.events.register('before-call.s3.GetObject', lambda **kw: gets.append(1))\n"
             "print(storage.materialize(sys.argv[1], sys.argv[2]), len(gets))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", code, f"s3://{s3_bucket}/big", str(tmp_path / "cache")],

@@ -19,14 +19,17 @@ import ray.train
 import ray.train.torch
 import torch
 
-import diffmic  # noqa: F401 — applies the torchvision import fix in every worker process
 from diffmic.checkpoint import METRICS_FILE, STATE_FILE, to_jsonable, write_checkpoint_files
-from diffmic.session import Session
-from diffmic.weights import STREAMS
+from diffmic.compat import ensure_torchvision_importable
+from diffmic.metrics import prefixed
+from diffmic.remote import localize
+from diffmic.session import Session, write_result
 
-# Variables a worker needs to reach storage; passed explicitly when joining an existing cluster.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE")
+# Where storage is, passed to the workers through Ray's runtime_env. Never the credentials: Ray logs runtime_env and
+# serves it through its job and dashboard APIs. Workers get credentials where they run: a local Ray started here
+# inherits this process's environment; a cluster's nodes have them in theirs (cluster/local.sh, the KubeRay secret)
+# or from an instance role (cluster/aws.yaml).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE")
 RESULT_FILE = "result.json"
 # Rank 0 stages each checkpoint here before `ray.train.report` persists it. A worker killed from outside (an ASHA stop,
 # a lost node, a preempted trial) never reaches `finish()`, so its directory is swept by the next worker on that node.
@@ -110,15 +113,13 @@ class RaySession(Session):
     def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
         """With `train.test_at_end`, a final report whose checkpoint is the model bundle and its test metrics."""
         try:
-            if cfg["train"].get("test_at_end", True):
+            if cfg["train"]["test_at_end"]:
                 self._report_final(result, model, cfg, class_names)
         finally:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _report_final(self, result, model, cfg: dict, class_names: list[str]) -> None:
-        from diffmic.bundle import write_bundle
         directory = None
-        metrics = {"val": result.val, "test": result.test, "best_epoch": result.best_epoch}
         if self.rank == 0:
             directory = Path(tempfile.mkdtemp(dir=self._scratch))
             # This becomes the run's latest checkpoint: it carries the training state too, so that resuming a
@@ -126,22 +127,21 @@ class RaySession(Session):
             for name in (STATE_FILE, METRICS_FILE):
                 if self._state_dir is not None and (self._state_dir / name).is_file():
                     shutil.copyfile(self._state_dir / name, directory / name)
-            write_bundle(directory / "model", model, cfg, class_names, to_jsonable(metrics))
-            (directory / RESULT_FILE).write_text(json.dumps(to_jsonable(metrics), indent=1))
-        flat = {"epoch": result.best_epoch, "final": 1, **{f"val_{k}": v for k, v in result.val.items()},
-                **{f"test_{k}": v for k, v in result.test.items()}}
-        flat = {k: v for k, v in to_jsonable(flat).items() if not isinstance(v, list)}
-        ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+            write_result(directory, result, model, cfg, class_names, metrics_file=RESULT_FILE)
+        row = to_jsonable({"epoch": result.best_epoch, "final": 1, **prefixed("val", result.val),
+                           **prefixed("test", result.test)})
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
 
 
 def train_loop_per_worker(cfg: dict) -> None:
+    ensure_torchvision_importable()  # a worker process starts here
     from diffmic.engine import train
     cpus = (cfg["scaling"].get("resources_per_worker") or {}).get("CPU")
     if cpus:  # one intra-op thread per reserved CPU: oversubscribed OpenMP threads slow every worker down
         torch.set_num_threads(max(1, int(cpus)))
     # The driver already verified every image; workers only read them.
     cfg = localize({**cfg, "dataset": {**cfg["dataset"], "verify_images": False}})
-    train(cfg, RaySession(amp=cfg["train"].get("amp", True)))
+    train(cfg, RaySession(amp=cfg["train"]["amp"]))
 
 
 def runtime_env() -> dict:
@@ -203,10 +203,14 @@ def fit(cfg: dict) -> dict:
     from tune.storage import open_storage
 
     storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"].get("create_bucket", False))
-    name = cfg["experiment"]
-    if storage.list(name) and not cfg.get("resume", False):
+    name = cfg["experiment"]  # a plain name (validate_config): the run stays under the storage root
+    exists = bool(storage.list(name))
+    if exists and not cfg["resume"]:
         raise ValueError(f"experiment={name!r} already exists under {storage.uri}: pass resume=true to continue it "
                          f"or choose another experiment name (nothing was overwritten)")
+    if cfg["resume"] and not exists:
+        raise ValueError(f"resume=true: there is no experiment {name!r} under {storage.uri} to resume; without "
+                         "resume=true a new run starts")
     from diffmic.weights import check_pretrained
     check_pretrained(localize(cfg)["model"])  # here, before Ray: every worker must be able to get them too
     init_ray(cfg)
@@ -218,23 +222,3 @@ def fit(cfg: dict) -> dict:
     storage.write_text(f"{name}/{RESULT_FILE}", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
-
-
-def localize(cfg: dict) -> dict:
-    """Inputs under s3:// are downloaded once per node into a local cache and the config points there.
-
-    The dataset keeps its URI as `origin_root`, so a checkpoint's config still names data every node can reach.
-    Backbone weights files (`model.<stream>.weights`) only initialise a run, so their local path is enough.
-    """
-    from tune.storage import materialize
-    cache = Path(os.environ.get("DIFFMIC_CACHE", Path.home() / ".cache" / "diffmic"))
-    root = cfg["dataset"].get("origin_root") or cfg["dataset"].get("root")
-    if isinstance(root, str) and root.startswith("s3://"):
-        cfg = {**cfg, "dataset": {**cfg["dataset"], "root": str(materialize(root, cache / "datasets")),
-                                  "origin_root": root}}
-    for stream in STREAMS:
-        weights = cfg["model"][stream].get("weights")
-        if isinstance(weights, str) and weights.startswith("s3://"):
-            local = str(materialize(weights, cache / "weights"))
-            cfg = {**cfg, "model": {**cfg["model"], stream: {**cfg["model"][stream], "weights": local}}}
-    return cfg

@@ -11,13 +11,11 @@ import pandas as pd
 from typing import TYPE_CHECKING
 
 from diffmic.checkpoint import to_jsonable
-from tune.storage import open_storage
+from tune.record import CHECKPOINT
+from tune.storage import StorageError, open_storage
 
 if TYPE_CHECKING:
     from tune.runner import DatasetSearch
-
-CHECKPOINT_KEY = "checkpoint_path"
-
 
 def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary: one row per trial, history: one row per reported epoch) for one dataset's ResultGrid."""
@@ -38,10 +36,10 @@ def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFram
         row = {"dataset": search.dataset, "trial_id": trial_id, **params}
         if metric in df.columns and df[metric].notna().any():
             best = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
-            with_ckpt = df[df.get(CHECKPOINT_KEY, pd.Series(dtype=object)).notna()] if CHECKPOINT_KEY in df else df.iloc[0:0]
+            with_ckpt = df[df.get(CHECKPOINT, pd.Series(dtype=object)).notna()] if CHECKPOINT in df else df.iloc[0:0]
             if len(with_ckpt):
                 ck = with_ckpt.loc[with_ckpt[metric].idxmax() if mode == "max" else with_ckpt[metric].idxmin()]
-                checkpoint = ck[CHECKPOINT_KEY]
+                checkpoint = ck[CHECKPOINT]
             else:
                 checkpoint = None
             epochs = int(df["epoch"].max())
@@ -59,58 +57,64 @@ def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFram
     return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
 
 
-def best_trial(summary: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
-    ok = summary[summary[metric].notna() & summary["checkpoint_path"].notna()] if metric in summary else summary.iloc[0:0]
-    if ok.empty:
-        return None
-    return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
-
-
-def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dict) -> dict:
+def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dict, replace: bool = False) -> dict:
     """Test metrics of a checkpoint's evaluation weights (EMA / best validation), and optionally the bundle
     exported from those same weights to `export_uri` (a directory or s3:// prefix). The config is the checkpoint's own: the
-    exact config that trained it. Needs no Ray: `test_best` runs it as a task, `diffmic.export` runs it here."""
-    import diffmic  # noqa: F401
-    from diffmic.bundle import write_bundle
+    exact config that trained it. Needs no Ray: `test_best` runs it as a task, `tune.export` runs it here."""
+    from diffmic.compat import ensure_torchvision_importable
+    ensure_torchvision_importable()  # runs as a Ray task: a worker process may start here
+    from diffmic.bundle import MANIFEST, write_bundle
     from diffmic.checkpoint import fitted_temperature, load_eval_model, load_state
+    from diffmic.config import split_seed
     from diffmic.data import build_splits
     from diffmic.engine import evaluate
     from diffmic.session import Session
-    from tune.distributed import localize
+    from diffmic.remote import localize
 
     with tempfile.TemporaryDirectory() as tmp:
         state = load_state(open_storage(checkpoint_uri, check=False).download_dir("", Path(tmp) / "checkpoint"))
     cfg = state["config"]
     if cfg["dataset"].get("origin_root"):  # the worker's local cache path may not exist here
         cfg = {**cfg, "dataset": {**cfg["dataset"], "root": cfg["dataset"]["origin_root"]}}
-    data = build_splits(localize(cfg)["dataset"], seed=cfg["dataset"].get("split_seed", cfg.get("seed", 0)))
+    data = build_splits(localize(cfg)["dataset"], seed=split_seed(cfg))
     model = load_eval_model(state, data.num_classes)
-    session = Session(amp=cfg["train"].get("amp", True))
+    session = Session(amp=cfg["train"]["amp"])
     model = model.to(session.device)
-    test = evaluate(model, data.test, cfg, session, generator_seed=cfg.get("seed", 0),
+    test = evaluate(model, data.test, cfg, session, generator_seed=cfg["seed"],
                     temperature=fitted_temperature(state))
     val = state["best"]["metrics"] if state.get("best") else {}
     if export_uri is not None:
+        dest = open_storage(export_uri, check=False)
+        if dest.exists(MANIFEST):
+            if not replace:
+                raise StorageError(f"{export_uri} already holds a bundle: choose another destination, or replace "
+                                   "it explicitly (tune.export --replace)")
+            dest.delete_dir("", first=(MANIFEST,))  # never a mix of two bundles: incomplete until the new manifest
         with tempfile.TemporaryDirectory() as tmp:
             bundle = write_bundle(Path(tmp) / "bundle", model.cpu(), cfg, data.class_names,
                                   to_jsonable({"val": val, "test": test}), provenance)
-            open_storage(export_uri, check=False).upload_dir(bundle, "")
+            dest.upload_dir(bundle, "", last=(MANIFEST,))
     return {"test": to_jsonable(test), "class_names": data.class_names}
 
 
-def test_best(search: DatasetSearch, best: pd.Series, export: bool) -> dict:
-    """Evaluate the best trial's best checkpoint on the test split, once, and export it."""
-    params = {p.key: best[p.key] for p in search.params}
+def test_best(search: DatasetSearch, best: pd.Series, export_uri: str | None) -> dict:
+    """Evaluate the best trial's best checkpoint on the test split, once, and export it to export_uri (if given)."""
     scaling = search.cfg["scaling"]
     resources = dict(scaling.get("resources_per_worker") or {})
     num_gpus = resources.pop("GPU", 1) if scaling.get("use_gpu") else 0
     num_cpus = resources.pop("CPU", 1)
-    provenance = {"experiment": search.experiment, "dataset": search.dataset, "trial_id": best["trial_id"],
-                  "params": to_jsonable(params), "checkpoint": search.storage.uri_of(best["checkpoint_path"]),
-                  "selected_on": search.cfg["search"]["metric"]}
+    checkpoint_uri = search.record.checkpoint_uri(best)
+    about = provenance(search.experiment, search.dataset, best, [p.key for p in search.params], checkpoint_uri,
+                       search.cfg["search"]["metric"])
     import ray
     task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(test_and_export)
-    export_uri = search.storage.join("best", search.dataset) if export else None
-    out = ray.get(task.remote(provenance["checkpoint"], export_uri, provenance))
-    return {**out, "bundle_uri": export_uri,
-            "checkpoint_uri": provenance["checkpoint"]}
+    out = ray.get(task.remote(checkpoint_uri, export_uri, about, True))  # a resumed search exports again
+    return {**out, "bundle_uri": export_uri, "checkpoint_uri": checkpoint_uri}
+
+
+def provenance(experiment: str, dataset: str, trial: pd.Series, params: list[str], checkpoint_uri: str,
+               selected_on: str) -> dict:
+    """Where an exported bundle comes from, as its bundle.json keeps it."""
+    return to_jsonable({"experiment": experiment, "dataset": dataset, "trial_id": trial["trial_id"],
+                        "params": {k: trial[k] for k in params if k in trial}, "checkpoint": checkpoint_uri,
+                        "selected_on": selected_on})

@@ -2,7 +2,6 @@
 sampled by Optuna (TPE by default) and stopped early by ASHA on the per-epoch validation metric."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +9,12 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from diffmic.config import with_values
+from diffmic.remote import cache_dir
+from diffmic.secrets import redact_config
 from tune.distributed import build_trainer, sweep_orphaned_scratch
-from tune.space import Param, apply, tune_space
+from tune.record import Record
+from tune.space import Param, tune_space
 from tune.storage import Storage, open_storage
 
 
@@ -29,17 +32,20 @@ class DatasetSearch:
     experiment: str
 
     @property
+    def record(self) -> Record:
+        return Record(self.storage, self.experiment)
+
+    @property
     def rel(self) -> str:  # the Tune experiment, relative to the storage root
-        return f"{self.experiment}/{self.dataset}"
+        return self.record.key(self.dataset)
 
     @property
     def checkpoints_rel(self) -> str:  # where each trial's Ray Train run keeps its checkpoints
-        return f"{self.rel}/checkpoints"
+        return self.record.key(self.dataset, "checkpoints")
 
     def optuna_db(self) -> Path:
         """The study's SQLite file, local to the driver (copied next to the results after the search)."""
-        base = Path(os.environ.get("DIFFMIC_CACHE", Path.home() / ".cache" / "diffmic"))
-        return base / "optuna" / self.storage.uri.replace("://", "_").replace("/", "_") / self.experiment / f"{self.dataset}.db"
+        return cache_dir("optuna") / self.storage.uri.replace("://", "_").replace("/", "_") / self.experiment / f"{self.dataset}.db"
 
 
 def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
@@ -47,7 +53,7 @@ def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
 
     The inner run is named after the trial, so a restored trial finds its own checkpoints and continues.
     """
-    cfg = apply(base_cfg, params)
+    cfg = with_values(base_cfg, params)
     storage = open_storage(checkpoints_uri, check=False)
     trial_id = tune.get_context().get_trial_id()
     result = build_trainer(cfg, storage, name=trial_id, callbacks=[TuneReportCallback()]).fit()
@@ -58,8 +64,9 @@ def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
 def optuna_searcher(search: DatasetSearch):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
 
-    from tune.searcher import DistinctOptunaSearch
+    from tune.searcher import DistinctSampler
 
     s = search.cfg["search"]
     samplers = {
@@ -73,11 +80,14 @@ def optuna_searcher(search: DatasetSearch):
     else:
         db = search.optuna_db()
         db.parent.mkdir(parents=True, exist_ok=True)
-        if not db.exists() and search.storage.exists(f"{search.experiment}/optuna/{search.dataset}.db"):
-            search.storage.download_file(f"{search.experiment}/optuna/{search.dataset}.db", db)  # a new driver
+        if db.exists() and not search.storage.exists(search.rel):  # the results it belonged to are gone
+            db.unlink()  # a fresh experiment under an old name starts a fresh study
+        stored = search.record.study_key(search.dataset)
+        if not db.exists() and search.storage.exists(stored):
+            search.storage.download_file(stored, db)  # a new driver continues the stored study
         storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
-    searcher = DistinctOptunaSearch(sampler=samplers[s["sampler"]](), storage=storage, seed=s["seed"],
-                                    study_name=f"{search.experiment}-{search.dataset}")
+    searcher = OptunaSearch(sampler=DistinctSampler(samplers[s["sampler"]](), seed=s["seed"]), storage=storage,
+                            study_name=f"{search.experiment}-{search.dataset}")
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent(search.cfg))
 
 
@@ -114,7 +124,8 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
     path = root.fs_path if fs is not None else root.ray_storage_path
     exp_path = f"{path}/{search.dataset}"
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_cfg=search.cfg, checkpoints_uri=search.storage.join(search.checkpoints_rel)),
+        tune.with_parameters(run_trial, base_cfg=redact_config(search.cfg),  # the study's DB URL stays here
+                             checkpoints_uri=search.storage.join(search.checkpoints_rel)),
         TRIAL_RESOURCES,
     )
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
@@ -134,7 +145,7 @@ def new_tuner(search: DatasetSearch, trainable, path: str, fs) -> tune.Tuner:
     scheduler = None
     if s["scheduler"] == "asha":
         from ray.tune.schedulers import ASHAScheduler
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=t["epochs"] // t.get("val_every", 1) or 1,
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=t["epochs"] // t["val_every"] or 1,
                                   grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
     return tune.Tuner(
         trainable,

@@ -10,7 +10,6 @@ Everything is checked (config, space, data, storage) before any trial starts.
 """
 from __future__ import annotations
 
-import io
 import os
 import sys
 from pathlib import Path
@@ -23,10 +22,33 @@ SAMPLERS, SCHEDULERS, MODES = ("tpe", "random", "cmaes", "qmc"), ("asha", "none"
 
 
 def check_search(cfg: dict, known: list[str] | None = None) -> None:
-    from diffmic.metrics import SCALAR_METRICS
+    """The search as a whole: its datasets, their roots, the experiment name. Each dataset's own search knobs (a
+    search_preset may set them) are checked on its composed config by check_knobs."""
+    from diffmic.config import check_name
     from tune.space import SearchError
 
-    s = cfg["search"]
+    datasets = cfg["datasets"]
+    known = known or sorted(p.stem for p in (CONFIG_DIR / "dataset").glob("*.yaml"))
+    if not datasets or not isinstance(datasets, list):
+        raise SearchError(f"datasets={datasets!r}: expected a non-empty list, e.g. datasets=[synthetic]")
+    for name in datasets:
+        if name not in known:
+            raise SearchError(f"datasets: unknown dataset {name!r}: expected one of {', '.join(known)} "
+                              f"(or a file configs/dataset/{name}.yaml)")
+    roots = cfg.get("roots") or {}
+    if not isinstance(roots, dict):
+        raise SearchError(f"roots={roots!r}: expected a mapping of dataset name to root, e.g. roots.isic2018=/data/isic")
+    for name, root in roots.items():
+        if name not in datasets:
+            raise SearchError(f"roots.{name}={root!r}: {name!r} is not searched; expected one of datasets="
+                              f"[{', '.join(datasets)}]")
+    check_name("experiment", cfg["experiment"])
+
+
+def check_knobs(s: dict) -> None:
+    """One dataset's `search` section."""
+    from diffmic.metrics import SCALAR_METRICS
+    from tune.space import SearchError
 
     def need(key: str, ok: bool, expected: str) -> None:
         if not ok:
@@ -43,23 +65,6 @@ def check_search(cfg: dict, known: list[str] | None = None) -> None:
     need("max_concurrent_trials", s["max_concurrent_trials"] is None or s["max_concurrent_trials"] >= 1,
          "null or an integer >= 1")
     need("time_budget_s", s["time_budget_s"] is None or s["time_budget_s"] > 0, "null or seconds > 0")
-    datasets = cfg["datasets"]
-    known = known or sorted(p.stem for p in (CONFIG_DIR / "dataset").glob("*.yaml"))
-    if not datasets or not isinstance(datasets, list):
-        raise SearchError(f"datasets={datasets!r}: expected a non-empty list, e.g. datasets=[synthetic]")
-    for name in datasets:
-        if name not in known:
-            raise SearchError(f"datasets: unknown dataset {name!r}: expected one of {', '.join(known)} "
-                              f"(or a file configs/dataset/{name}.yaml)")
-    roots = cfg.get("roots") or {}
-    if not isinstance(roots, dict):
-        raise SearchError(f"roots={roots!r}: expected a mapping of dataset name to root, e.g. roots.isic2018=/data/isic")
-    for name, root in roots.items():
-        if name not in datasets:
-            raise SearchError(f"roots.{name}={root!r}: {name!r} is not searched; expected one of datasets="
-                              f"[{', '.join(datasets)}]")
-    if not str(cfg["experiment"]).replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise SearchError(f"experiment={cfg['experiment']!r}: expected letters, digits, '-', '_' or '.'")
 
 
 def known_datasets(overrides: list[str]) -> list[str] | None:
@@ -78,8 +83,9 @@ def plan(cfg: dict, overrides: list[str]):
     data. Each dataset composes its own config (its preset and search preset) and gets its own root."""
     from hydra import compose
 
+    from diffmic.errors import DiffmicError
     from tune.space import SearchError
-    from tune.storage import StorageError, open_storage
+    from tune.storage import open_storage
 
     check_search(cfg, known_datasets(overrides))
     storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"].get("create_bucket", False))
@@ -95,7 +101,7 @@ def plan(cfg: dict, overrides: list[str]):
         where = f"roots.{name}" if root is not None else "dataset.root"
         try:
             searches.append(plan_dataset(name, dcfg, storage, cfg["experiment"]))
-        except (ValueError, FileNotFoundError, StorageError) as e:  # one line naming the dataset it belongs to
+        except (ValueError, FileNotFoundError, DiffmicError) as e:  # one line naming the dataset it belongs to
             message = f"dataset {name} ({where}={dcfg['dataset']['root']}): {e}"
             try:
                 error = type(e)(message)
@@ -106,50 +112,44 @@ def plan(cfg: dict, overrides: list[str]):
 
 
 def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
-    from diffmic.config import validate_config
+    from diffmic.config import split_seed, validate_config
     from diffmic.data import build_splits
+    from diffmic.remote import localize
     from diffmic.weights import check_pretrained
-    from tune.distributed import localize
     from tune.runner import DatasetSearch
     from tune.space import check_against_config, parse_space
 
     s = dcfg["search"]  # one selection rule: the search's metric and mode pick epochs, checkpoints and trials alike
+    check_knobs(s)
     dcfg["train"].update(select_metric=s["metric"].removeprefix("val_"), select_mode=s["mode"])
     validate_config(dcfg)
     params = parse_space(dcfg["search"]["space"], dcfg)
     check_against_config(params, dcfg)
     local = localize(dcfg)  # s3:// data and weights into this node's cache (they must exist)
     check_pretrained(local["model"])  # cheap, so before the images are read
-    data = build_splits(local["dataset"], seed=dcfg["dataset"].get("split_seed", dcfg["seed"]))
+    data = build_splits(local["dataset"], seed=split_seed(dcfg))
     print(f"[search] {name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
           f"{data.num_classes} classes; {len(params)} parameters, {dcfg['search']['num_samples']} trials",
           flush=True)
     return DatasetSearch(name, dcfg, params, storage, experiment)
 
 
-def write_table(storage, rel: str, frame) -> None:
-    storage.write_text(f"{rel}.csv", frame.to_csv(index=False))
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    storage.write_bytes(f"{rel}.parquet", buffer.getvalue())
-
-
 def search(cfg: dict, overrides: list[str]) -> None:
-    import pandas as pd
-
-    import json
     import time
 
-    from diffmic.checkpoint import to_jsonable
+    import pandas as pd
+
     from tune.distributed import init_ray
-    from tune.results import best_trial, test_best, trial_frames
+    from tune.record import Record, best_entry, best_trial, describe
+    from tune.results import test_best, trial_frames
     from tune.runner import run_search
 
     storage, searches = plan(cfg, overrides)
+    record = Record(storage, cfg["experiment"])
     started = time.time()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter shows the columns chosen below
     init_ray(cfg)
-    summaries, histories, bests, details = [], [], [], {}
+    summaries, histories, details = [], [], {}
     for s in searches:
         grid = run_search(s)
         summary, history = trial_frames(s, grid)
@@ -160,40 +160,26 @@ def search(cfg: dict, overrides: list[str]) -> None:
         if best is None:
             print(f"[search] {s.dataset}: no trial reported {metric}; nothing to test or export", flush=True)
             continue
-        tested = test_best(s, best, export=cfg.get("export", True))
-        row = {"dataset": s.dataset, "trial_id": best["trial_id"], **{p.key: best[p.key] for p in s.params},
-               **{k: best[k] for k in summary.columns if k.startswith("val_")},
-               **{f"test_{k}": v for k, v in tested["test"].items() if not isinstance(v, list)},
-               "checkpoint_uri": tested["checkpoint_uri"], "bundle_uri": tested["bundle_uri"]}
-        bests.append(row)
-        details[s.dataset] = {"trial_id": best["trial_id"], "params": {p.key: best[p.key] for p in s.params},
-                              "val": {k.removeprefix("val_"): best[k] for k in summary.columns if k.startswith("val_")},
-                              "test": tested["test"], "class_names": tested["class_names"],
-                              "checkpoint_uri": tested["checkpoint_uri"], "bundle_uri": tested["bundle_uri"]}
+        tested = test_best(s, best, record.best_bundle_uri(s.dataset) if cfg.get("export", True) else None)
+        details[s.dataset] = best_entry(best, [p.key for p in s.params], tested["test"], tested["class_names"],
+                                        tested["checkpoint_uri"], tested["bundle_uri"])
         if not s.cfg["search"].get("optuna_storage") and s.optuna_db().exists():
-            storage.write_bytes(f"{s.experiment}/optuna/{s.dataset}.db", s.optuna_db().read_bytes())
-    exp = cfg["experiment"]
+            record.write_study(s.dataset, s.optuna_db().read_bytes())
     summary = pd.concat(summaries, ignore_index=True)
-    write_table(storage, f"{exp}/summary", summary)
-    history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else pd.DataFrame()
-    write_table(storage, f"{exp}/history", history)
-    best = pd.DataFrame(bests)
-    write_table(storage, f"{exp}/best", best)
-    storage.write_text(f"{exp}/best.json", json.dumps(to_jsonable(details), indent=1))
-    first = searches[0].cfg["search"]
-    meta = {"experiment": exp, "datasets": [s.dataset for s in searches], "metric": first["metric"],
-            "mode": first["mode"], "num_samples": first["num_samples"], "scheduler": first["scheduler"],
-            "sampler": first["sampler"], "epochs_per_trial": searches[0].cfg["train"]["epochs"],
-            "space": {p.name: {"key": p.key, "kind": p.kind, "values": list(p.values)} for p in searches[0].params},
-            "started": started, "wall_time_s": time.time() - started}
-    storage.write_text(f"{exp}/search.json", json.dumps(to_jsonable(meta), indent=1))
+    history = [h for h in histories if len(h)]
+    record.write_results(summary, pd.concat(history, ignore_index=True) if history else pd.DataFrame(), details,
+                         {s.dataset: describe(s.cfg, s.params) for s in searches}, started, time.time() - started)
+    if cfg.get("export", True):
+        from tune.promote import first_current
+        for dataset in details:
+            print(f"[search] {first_current(record, dataset)}", flush=True)
     if cfg.get("report", True):
         from tune.report import write_report
-        write_report(storage, exp)
-    print_tables(summary, best, storage, exp, cfg.get("report", True))
+        write_report(record)
+    print_tables(summary, record.read_table("best"), record, cfg.get("report", True))
 
 
-def print_tables(summary, best, storage, exp: str, report: bool) -> None:
+def print_tables(summary, best, record, report: bool) -> None:
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
@@ -205,8 +191,8 @@ def print_tables(summary, best, storage, exp: str, report: bool) -> None:
                     ("val_macro_f1", "val_accuracy", "test_macro_f1", "test_accuracy", "test_balanced_accuracy",
                      "test_kappa", "test_auc", "test_dcg_accuracy")]
             print(f"\n== best model per dataset (chosen on validation, tested once) ==\n{best[keep].T.to_string(header=False)}")
-    where = f"\nresults: {storage.join(exp)}/{{summary,best}}.csv"
-    print(where + (f", report: {storage.join(exp, 'report.html')}" if report else ""), flush=True)
+    where = f"\nresults: {record.uri}/{{summary,best}}.csv"
+    print(where + (f", report: {record.uri}/report.html" if report else ""), flush=True)
 
 
 def main() -> None:

@@ -1,77 +1,99 @@
-"""Optuna through Ray Tune, without running the same configuration twice.
+"""Optuna without running the same configuration twice: a sampler that wraps the chosen one (TPE, random, CMA-ES,
+QMC) through Optuna's public sampler interface, handed to Ray's OptunaSearch as its `sampler`.
 
 The searched spaces are small and mostly categorical (the default one has 384 points), and TPE exploits: once a point
 scores well it tends to propose that very point again, and a second trial of it only re-measures seed noise at full
-cost (seen in 2 of 3 default searches). A repeat is recorded in the study as a failed trial (which TPE and the
-importance evaluator ignore), and a point one parameter away from it that no trial has tried is run instead.
+cost (seen in 2 of 3 default searches). When the wrapped sampler proposes a point the study has already run (or is
+running), a point one parameter away from it that no trial has tried is proposed instead.
 """
 from __future__ import annotations
 
 import logging
 import math
 import random
+from typing import Any
 
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
-from ray.tune.search.optuna import OptunaSearch
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
 
 logger = logging.getLogger(__name__)
-REPEAT_OF = "repeat_of"  # user attribute of a proposal that was not run: the number of the trial it repeated
-_DRAWS = 200             # random neighbours and points tried before accepting a repeat (the space may be exhausted)
+_DRAWS = 200  # random neighbours and points tried before accepting a repeat (the space may be exhausted)
 
 
-class DistinctOptunaSearch(OptunaSearch):
-    def __init__(self, *args, seed: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
+class DistinctSampler(BaseSampler):
+    def __init__(self, inner: BaseSampler, seed: int = 0) -> None:
+        self.inner = inner
         self._rng = random.Random(seed)
 
-    def suggest(self, trial_id: str):
-        config = super().suggest(trial_id)
-        trial = self._ot_trials.get(trial_id)
-        if config is None or trial is None or not isinstance(self._space, dict):
-            return config
-        tried = self._tried(exclude=trial.number)
-        twin = tried.get(_key(trial.params))
-        if twin is None:
-            return config
-        fresh = self._untried_near(trial.params, tried)
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        """The whole space, known from the trials that have one (the first trial is left to the inner sampler)."""
+        space: dict[str, BaseDistribution] = {}
+        for t in study.get_trials(deepcopy=False):
+            if t.number != trial.number:
+                space.update(t.distributions)
+        return space
+
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict:
+        if not search_space:
+            return {}
+        inner_space = self.inner.infer_relative_search_space(study, trial)
+        point = dict(self.inner.sample_relative(study, trial, inner_space))
+        for name, dist in search_space.items():  # what the inner sampler does not sample jointly, it samples alone
+            if name not in point:
+                point[name] = self.inner.sample_independent(study, trial, name, dist)
+        tried = _tried(study, exclude=trial.number)
+        if _key(point) not in tried:
+            return point
+        fresh = self._untried_near(point, search_space, tried)
         if fresh is None:
             logger.warning("Optuna proposed trial %d's configuration again and no untried point was found; "
-                           "running it again", twin)
-            return config
-        trial.set_user_attr(REPEAT_OF, twin)
-        self._ot_study.tell(trial, state=TrialState.FAIL)
-        del self._ot_trials[trial_id]
-        self._ot_study.enqueue_trial(fresh)
-        return super().suggest(trial_id)  # asks again, and the study hands out the enqueued point
+                           "running it again", tried[_key(point)])
+            return point
+        return fresh
 
-    def _tried(self, exclude: int) -> dict[tuple, int]:
-        """Every configuration the study has run or runs (key -> trial number); hidden repeats excluded."""
-        tried = {}
-        for t in self._ot_study.get_trials(deepcopy=False):
-            if t.number != exclude and t.state != TrialState.WAITING and REPEAT_OF not in t.user_attrs:
-                tried.setdefault(_key(t.params), t.number)
-        return tried
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
 
-    def _untried_near(self, params: dict, tried: dict) -> dict | None:
-        """A random untried point that differs from `params` in one parameter, else anywhere in the space."""
-        names = [n for n in self._space if n in params]
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+    def _untried_near(self, point: dict, space: dict, tried: dict) -> dict | None:
+        """A random untried point that differs from `point` in one parameter, else anywhere in the space."""
+        names = list(space)
         for draw in range(_DRAWS):
             if draw < _DRAWS // 2:
                 name = self._rng.choice(names)
-                point = {**params, name: _sample(self._space[name], self._rng)}
+                candidate = {**point, name: _sample(space[name], self._rng)}
             else:
-                point = {n: _sample(self._space[n], self._rng) for n in names}
-            if _key(point) not in tried:
-                return point
+                candidate = {n: _sample(space[n], self._rng) for n in names}
+            if _key(candidate) not in tried:
+                return candidate
         return None
+
+
+def _tried(study: Study, exclude: int) -> dict[tuple, int]:
+    """Every configuration the study has run or runs (key -> trial number)."""
+    tried: dict[tuple, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.number != exclude and t.state != TrialState.WAITING and t.params:
+            tried.setdefault(_key(t.params), t.number)
+    return tried
 
 
 def _key(params: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in params.items()))
 
 
-def _sample(dist, rng: random.Random):
+def _sample(dist: BaseDistribution, rng: random.Random):
     if isinstance(dist, CategoricalDistribution):
         return rng.choice(dist.choices)
     if isinstance(dist, IntDistribution):
@@ -89,4 +111,3 @@ def _grid(dist, rng: random.Random, cast):
     step = dist.step or 1
     steps = int(round((dist.high - dist.low) / step))
     return cast(dist.low + step * rng.randint(0, steps))
-

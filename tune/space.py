@@ -9,17 +9,17 @@ summary, and `python -m diffmic.train diffusion.timesteps=250 …` re-runs a tri
 """
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from diffmic.config import ConfigError, validate_config
+from diffmic.config import ConfigError, validate_config, with_values
+from diffmic.errors import DiffmicError
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
 
 
-class SearchError(ValueError):
+class SearchError(DiffmicError, ValueError):
     """A search configuration that cannot run; one line naming the key and what is expected."""
 
 
@@ -52,18 +52,6 @@ def get_key(cfg: dict, key: str) -> Any:
             raise KeyError(key)
         node = node[part]
     return node
-
-
-def apply(cfg: dict, values: dict[str, Any]) -> dict:
-    """A copy of `cfg` with dotted keys set (what a Hydra override `key=value` does)."""
-    out = copy.deepcopy(cfg)
-    for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return out
 
 
 def parse_space(space: dict, cfg: dict) -> list[Param]:
@@ -115,7 +103,7 @@ def check_against_config(params: list[Param], cfg: dict, limit: int = 512) -> No
         combos = [(kv,) for grid in grids for kv in grid]
     for combo in combos:
         try:
-            validate_config(apply(cfg, dict(combo)))
+            validate_config(with_values(cfg, dict(combo)))
         except ConfigError as e:
             names = ", ".join(f"{k}={v!r}" for k, v in combo)
             raise SearchError(f"search space value(s) {names} give an invalid config: {e}") from None

@@ -18,6 +18,9 @@ _TEST_STREAM, _VAL_STREAM = 1, 2  # distinct random streams for the two carves
 
 
 def _check_train_classes(labels: np.ndarray, class_names: list[str], where: str) -> None:
+    if len(class_names) < 2:  # nothing to classify: every metric would read 1.000
+        raise DataError(f"{where} has {len(class_names)} class{'' if len(class_names) == 1 else 'es'} "
+                        f"({', '.join(map(repr, class_names)) or 'none'}); expected at least 2")
     counts = np.bincount(labels, minlength=len(class_names)) if len(labels) else np.zeros(len(class_names), int)
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty and len(labels):

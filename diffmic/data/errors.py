@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from diffmic.errors import DiffmicError
 
-class DataError(ValueError):
+
+class DataError(DiffmicError, ValueError):
     """Bad input. str(e) is ONE line naming the bad value and what was expected."""
 
     def __init__(self, message: object) -> None:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import diffmic  # noqa: F401  (makes torchvision importable beside a CPU-only torch)
+import numpy as np
+import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Each step does exactly what torchvision's transform of the same name does to a PIL RGB image, with the same torch
+# RNG draws (tests/test_data.py compares them), written here so that the data path needs no torchvision.
 
 
 class CenterSquareCrop:
@@ -28,21 +30,68 @@ class CenterSquareCrop:
         left, top = (w - s) // 2, (h - s) // 2
         return img.crop((left, top, left + s, top + s))
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+
+class Resize:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.resize((self.size, self.size), Image.BILINEAR)
 
 
-class Pipeline(T.Compose):
-    """torchvision Compose whose class lives here, so unpickling a transform (spawned DataLoader workers, Ray
-    workers) imports `diffmic` (and its torchvision fix) before any torchvision class."""
+class RandomHorizontalFlip:
+    method = Image.FLIP_LEFT_RIGHT
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.transpose(self.method) if torch.rand(1) < self.p else img
+
+
+class RandomVerticalFlip(RandomHorizontalFlip):
+    method = Image.FLIP_TOP_BOTTOM
+
+
+class RandomRotation:
+    """U(-degrees, degrees), bilinear, black corners, same canvas."""
+
+    def __init__(self, degrees: float) -> None:
+        self.degrees = float(degrees)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        angle = float(torch.empty(1).uniform_(-self.degrees, self.degrees).item())
+        return img.rotate(angle, Image.BILINEAR, expand=False, fillcolor=(0,) * len(img.getbands()))
+
+
+class ToNormalizedTensor:
+    """uint8 HWC -> float CHW in [0, 1] -> (x - mean) / std."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
+        return x.sub_(self.mean).div_(self.std)
+
+
+class Pipeline:
+    def __init__(self, transforms: list[Callable]) -> None:
+        self.transforms = transforms
+
+    def __call__(self, img):
+        for step in self.transforms:
+            img = step(img)
+        return img
 
 
 def _head(image_size: int) -> list:
-    return [CenterSquareCrop(), T.Resize((image_size, image_size), interpolation=InterpolationMode.BILINEAR)]
+    return [CenterSquareCrop(), Resize(image_size)]
 
 
 def _tail(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
+    return [ToNormalizedTensor(mean, std)]
 
 
 def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
@@ -56,9 +105,9 @@ def train_transform(image_size: int, hflip: bool = True, vflip: bool = False, ro
     """The augmented training transform; the random draws use torch's RNG (seeded per DataLoader worker)."""
     steps = _head(image_size)
     if hflip:
-        steps.append(T.RandomHorizontalFlip(0.5))
+        steps.append(RandomHorizontalFlip())
     if vflip:
-        steps.append(T.RandomVerticalFlip(0.5))
+        steps.append(RandomVerticalFlip())
     if rotation:
-        steps.append(T.RandomRotation(float(rotation), interpolation=InterpolationMode.BILINEAR, expand=False, fill=0))
+        steps.append(RandomRotation(rotation))
     return Pipeline(steps + _tail(mean, std))

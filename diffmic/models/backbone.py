@@ -1,7 +1,10 @@
-"""Backbones come from timm by name; no ResNet is copied into this repo."""
+"""Backbones come from timm by name; no ResNet is copied into this repo.
+
+timm is imported when a backbone is made, not when this module is: timm imports torchvision, and beside a CPU-only
+torch that needs diffmic.compat's fix, which each process applies where it starts.
+"""
 from __future__ import annotations
 
-import timm
 from torch import nn
 
 from diffmic.weights import hub_model, load_weights_file
@@ -20,6 +23,8 @@ def create_backbone(name: str, *, pooled: bool, pretrained: bool = False, weight
         kwargs["output_stride"] = output_stride
     if pretrained and not weights:
         return hub_model(name, stream, **kwargs)
+    import timm
+
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as e:  # timm raises RuntimeError for unknown names

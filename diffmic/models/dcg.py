@@ -135,16 +135,8 @@ class DCG(nn.Module):
                  roi_mode: str = "distinct", crop_channels: str = "rgb", fusion_weight: float = 0.5,
                  attention_dim: int = 128):
         super().__init__()
-        if crop_channels not in ("rgb", "red"):
-            raise ValueError(f"model.dcg.crop_channels={crop_channels!r}: expected 'rgb' or 'red'")
-        if crop_size is not None and not 0 < crop_size <= image_size:
-            raise ValueError(f"model.dcg.crop_size={crop_size}: expected 1..{image_size} (the image size)")
-        if not 0 < top_t <= 1:
-            raise ValueError(f"model.dcg.top_t={top_t}: expected a fraction in (0, 1]")
-        if roi_mode not in ROI_MODES:
-            raise ValueError(f"model.dcg.roi_mode={roi_mode!r}: expected one of {', '.join(ROI_MODES)}")
-        if roi_count < 1:
-            raise ValueError(f"model.dcg.roi_count={roi_count}: expected >= 1")
+        # Values are checked once, on the config (diffmic.config.validate_config); only the grid measured on the
+        # backbone below can add a constraint of its own.
         geometry = cam_geometry(image_size, output_stride, crop_size)
         self.image_size, self.roi_count = image_size, roi_count
         self.top_t, self.roi_mode, self.crop_channels = top_t, roi_mode, crop_channels

@@ -128,12 +128,12 @@ def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: b
                 "weights": c.get("weights") if initial_weights else None}
 
     dcg = DCG(num_classes, image_size, backbone=dcg_cfg["backbone"], local_backbone=dcg_cfg.get("local_backbone"),
-              **init(dcg_cfg), output_stride=dcg_cfg.get("output_stride"), roi_count=dcg_cfg["roi_count"],
-              crop_size=dcg_cfg.get("crop_size"), top_t=dcg_cfg.get("top_t", 1.0),
-              roi_mode=dcg_cfg.get("roi_mode", "distinct"), crop_channels=dcg_cfg.get("crop_channels", "rgb"),
-              fusion_weight=dcg_cfg.get("fusion_weight", 0.5))
+              **init(dcg_cfg), output_stride=dcg_cfg["output_stride"], roi_count=dcg_cfg["roi_count"],
+              crop_size=dcg_cfg["crop_size"], top_t=dcg_cfg["top_t"],
+              roi_mode=dcg_cfg["roi_mode"], crop_channels=dcg_cfg["crop_channels"],
+              fusion_weight=dcg_cfg["fusion_weight"])
     denoiser = Denoiser(num_classes, d["timesteps"], encoder=den_cfg["encoder"], feature_dim=den_cfg["feature_dim"],
-                        **init(den_cfg), embedding_bias=den_cfg.get("embedding_bias", 0.0))
-    schedule = NoiseSchedule(d["schedule"], d["timesteps"], d.get("beta_start", 1e-4), d.get("beta_end", 0.02),
+                        **init(den_cfg), embedding_bias=den_cfg["embedding_bias"])
+    schedule = NoiseSchedule(d["schedule"], d["timesteps"], d["beta_start"], d["beta_end"],
                              beta_steps=d.get("beta_steps"))
     return DiffMIC(dcg, denoiser, schedule, num_classes)

@@ -1,0 +1,255 @@
+"""The experiment record: what a search leaves under its storage root, and the only code that knows that layout.
+
+    <root>/<experiment>/search.json              format, every dataset's search (metric, mode, space, budget), times
+    <root>/<experiment>/summary.{parquet,csv}    one row per trial (its parameters, its best epoch's val_* metrics)
+    <root>/<experiment>/history.{parquet,csv}    one row per trial and reported epoch
+    <root>/<experiment>/best.{parquet,csv}       one row per dataset: the best trial, its val_* and test_* metrics
+    <root>/<experiment>/best.json                per dataset: the same with the confusion matrix and class names
+    <root>/<experiment>/optuna/<dataset>.db      each dataset's Optuna study (SQLite)
+    <root>/<experiment>/report.html              the results page (tune/report.py)
+    <root>/<experiment>/<dataset>/               Ray Tune's experiment: trials and their checkpoints
+    <root>/<experiment>/best/<dataset>/          this experiment's best model of each dataset (a bundle)
+    <root>/<experiment>/exports/<dataset>/<trial>/   bundles exported with `tune.export --trial`
+    <root>/best/<dataset>/                       the current best model of each dataset, across experiments
+                                                 (changed only by tune/promote.py; the replaced ones are kept in
+                                                 <root>/best-previous/<dataset>/)
+
+tune/search.py writes it, tune/export.py and tune/report.py read it, all through `Record`. The format is versioned
+(`format` in search.json); users' scripts may read the tables directly (README: "The experiment record").
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from diffmic.checkpoint import to_jsonable
+from diffmic.metrics import prefixed, unprefixed
+from tune.storage import Storage, StorageError, open_storage
+from tune.storage.base import clean_rel
+
+FORMAT = 1
+SEARCH, BEST_DETAILS, REPORT = "search.json", "best.json", "report.html"
+TABLES = ("summary", "history", "best")
+CHECKPOINT = "checkpoint_path"  # the summary column that holds a trial's best checkpoint (as Ray reports it)
+
+
+class RecordError(StorageError):
+    """A record that is missing, or written by a newer format; one line naming where and what was expected."""
+
+
+@dataclass
+class Record:
+    storage: Storage
+    experiment: str
+
+    @classmethod
+    def at(cls, experiment_uri: str) -> Record:
+        """EXPERIMENT_URI (`<storage root>/<experiment>`, local or s3://) -> its record; nothing is created."""
+        text = str(experiment_uri).strip().rstrip("/")
+        if text.lower().startswith("s3://"):
+            root, _, name = text.rpartition("/")
+            if root.lower() in ("s3:", "s3:/"):
+                raise RecordError(f"bad experiment URI {experiment_uri!r}: expected s3://bucket[/prefix]/EXPERIMENT")
+            return cls(open_storage(root, check=False), name)
+        path = Path(text.removeprefix("file://")).expanduser().resolve()
+        if not path.is_dir():  # checked here: open_storage would create a mistyped local root
+            raise RecordError(f"no experiment directory {path}")
+        return cls(open_storage(str(path.parent), check=False), path.name)
+
+    # ------------------------------------------------------------ where things are
+    @property
+    def uri(self) -> str:
+        return self.storage.join(self.experiment)
+
+    def key(self, *parts: str) -> str:
+        return "/".join((self.experiment, *parts))
+
+    def study_key(self, dataset: str) -> str:
+        return self.key("optuna", f"{dataset}.db")
+
+    def best_bundle_uri(self, dataset: str) -> str:
+        return self.storage.join(self.experiment, "best", dataset)
+
+    @staticmethod
+    def current_key(dataset: str) -> str:
+        """The current best of a dataset, shared by every experiment under the root (tune/promote.py)."""
+        return f"best/{dataset}"
+
+    def trial_bundle_uri(self, dataset: str, trial_id: str) -> str:
+        return self.storage.join(self.experiment, "exports", dataset, trial_id)
+
+    def checkpoint_uri(self, trial: pd.Series) -> str:
+        """A trial's checkpoint (as Ray reported it in the summary) as a URI, refused unless it lies inside this
+        experiment: the summary is read from storage, and an edited path must not make us copy anything else."""
+        rel = self.storage.relative(str(trial[CHECKPOINT]))
+        if clean_rel(rel) != rel or not rel.startswith(f"{self.experiment}/"):
+            raise RecordError(f"trial {trial['trial_id']}: checkpoint {trial[CHECKPOINT]!r} is not inside the "
+                              f"experiment {self.uri}")
+        return self.storage.join(rel)
+
+    def exists(self) -> bool:
+        return self.storage.exists(self.experiment)
+
+    # ------------------------------------------------------------ writing
+    def write_search(self, datasets: dict[str, dict], started: float, wall_time_s: float) -> None:
+        """datasets: name -> describe(cfg, params) of each dataset's search."""
+        self.storage.write_text(self.key(SEARCH), json.dumps(to_jsonable(
+            {"format": FORMAT, "experiment": self.experiment, "datasets": datasets, "started": started,
+             "wall_time_s": wall_time_s}), indent=1))
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> None:
+        """Parquet (typed) and its CSV twin (for spreadsheets and shell tools)."""
+        assert name in TABLES, name
+        self.storage.write_text(self.key(f"{name}.csv"), frame.to_csv(index=False))
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        self.storage.write_bytes(self.key(f"{name}.parquet"), buffer.getvalue())
+
+    def write_best(self, details: dict[str, dict]) -> None:
+        """details: dataset -> best_entry(...); the best table is derived from it, so the two always agree."""
+        self.write_table("best", pd.DataFrame([best_row(d, e) for d, e in details.items()]))
+        self.storage.write_text(self.key(BEST_DETAILS), json.dumps(to_jsonable(details), indent=1))
+
+    def write_results(self, summary: pd.DataFrame, history: pd.DataFrame, best: dict[str, dict],
+                      searches: dict[str, dict], started: float, wall_time_s: float) -> None:
+        """A search's outcome for the datasets in `searches`; the rows and descriptions of the experiment's other
+        datasets (searched by an earlier invocation under the same name) are kept, never dropped."""
+        others = self.read_search()["datasets"] if self.storage.exists(self.key(SEARCH)) else {}
+
+        def kept(frame: pd.DataFrame) -> pd.DataFrame:
+            return frame[~frame["dataset"].astype(str).isin(list(searches))] if "dataset" in frame else frame.iloc[:0]
+
+        frames = {"summary": summary, "history": history}
+        for name, frame in frames.items():
+            parts = [f for f in (kept(self.read_table(name)), frame) if len(f)]
+            self.write_table(name, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
+        self.write_best({**{d: e for d, e in self.read_best().items() if d not in searches}, **best})
+        self.write_search({**{d: o for d, o in others.items() if d not in searches}, **searches}, started,
+                          wall_time_s)
+
+    def write_study(self, dataset: str, db: bytes) -> None:
+        self.storage.write_bytes(self.study_key(dataset), db)
+
+    def write_report(self, page: str) -> str:
+        self.storage.write_text(self.key(REPORT), page)
+        return self.storage.join(self.experiment, REPORT)
+
+    # ------------------------------------------------------------ reading
+    def read_search(self) -> dict:
+        try:
+            meta = json.loads(self.storage.read_text(self.key(SEARCH)))
+        except FileNotFoundError:
+            raise RecordError(f"no search results at {self.uri}: expected {SEARCH} there (tune/search.py writes "
+                              "it when a search ends)") from None
+        if meta.get("format", 0) > FORMAT:
+            raise RecordError(f"{self.uri}/{SEARCH} has format {meta['format']}; this version reads format "
+                              f"{FORMAT} and older: update diffmic")
+        if "format" not in meta:  # format 0 (before the record): one description shared by every dataset
+            shared = {k: meta.get(k) for k in ("metric", "mode", "num_samples", "scheduler", "sampler",
+                                               "epochs_per_trial", "space")}
+            meta = {**meta, "format": 0, "datasets": {d: shared for d in meta.get("datasets", [])}}
+        return meta
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        """A table as written; an empty frame when it is not there (yet)."""
+        try:
+            return pd.read_parquet(io.BytesIO(self.storage.read_bytes(self.key(f"{name}.parquet"))))
+        except FileNotFoundError:
+            return pd.DataFrame()
+
+    def read_best(self) -> dict[str, dict]:
+        try:
+            return json.loads(self.storage.read_text(self.key(BEST_DETAILS)))
+        except FileNotFoundError:
+            return {}
+
+    def load(self) -> Results:
+        meta = self.read_search()
+        summary, history = self.read_table("summary"), self.read_table("history")
+        for frame in (summary, history):
+            if "trial_id" in frame:  # Ray's hex ids stay text ("4e000003" is not a number)
+                frame["trial_id"] = frame["trial_id"].astype(str)
+        if summary.empty:
+            summary = pd.DataFrame(columns=["dataset", "trial_id", "status"])
+        return Results(self, meta, summary, history, self.read_best())
+
+
+def describe(cfg: dict, params) -> dict:
+    """One dataset's search as search.json keeps it: selection rule, budget and space."""
+    s = cfg["search"]
+    return {"metric": s["metric"], "mode": s["mode"], "num_samples": s["num_samples"], "scheduler": s["scheduler"],
+            "sampler": s["sampler"], "epochs_per_trial": cfg["train"]["epochs"],
+            "space": {p.name: {"key": p.key, "kind": p.kind, "values": list(p.values)} for p in params}}
+
+
+def best_entry(trial: pd.Series, params: list[str], test: dict, class_names: list[str], checkpoint_uri: str,
+               bundle_uri: str | None) -> dict:
+    """A dataset's best trial as best.json keeps it."""
+    return {"trial_id": trial["trial_id"], "params": {k: trial[k] for k in params},
+            "val": unprefixed("val", trial.to_dict()), "test": test, "class_names": class_names,
+            "checkpoint_uri": checkpoint_uri, "bundle_uri": bundle_uri}
+
+
+def best_row(dataset: str, entry: dict) -> dict:
+    return {"dataset": dataset, "trial_id": entry["trial_id"], **entry["params"], **prefixed("val", entry["val"]),
+            **prefixed("test", entry["test"]), "checkpoint_uri": entry["checkpoint_uri"],
+            "bundle_uri": entry["bundle_uri"]}
+
+
+def best_trial(summary: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The trial whose best epoch is best on the selection rule, among those that kept a checkpoint."""
+    if metric not in summary or CHECKPOINT not in summary:
+        return None
+    ok = summary[summary[metric].notna() & summary[CHECKPOINT].notna()]
+    if ok.empty:
+        return None
+    return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
+
+
+@dataclass
+class Results:
+    """A whole record, read once: what the report and export are built from."""
+    record: Record
+    meta: dict                  # search.json
+    summary: pd.DataFrame       # one row per trial
+    history: pd.DataFrame       # one row per trial and epoch
+    best: dict                  # best.json: {dataset: best_entry}
+    searches: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.searches = self.meta["datasets"]
+
+    @property
+    def storage(self) -> Storage:
+        return self.record.storage
+
+    @property
+    def experiment(self) -> str:
+        return self.record.experiment
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.searches)
+
+    def metric(self, dataset: str) -> str:
+        return self.searches[dataset]["metric"]
+
+    def minimize(self, dataset: str) -> bool:
+        return self.searches[dataset]["mode"] == "min"
+
+    def params(self, dataset: str) -> list[tuple[str, str, list]]:
+        """(config key, kind, values) of each parameter searched for the dataset."""
+        return [(p["key"], p["kind"], list(p["values"])) for p in self.searches[dataset]["space"].values()]
+
+    def trials(self, dataset: str) -> pd.DataFrame:
+        return self.summary[self.summary["dataset"].astype(str) == dataset]
+
+    def ranked(self, dataset: str) -> pd.DataFrame:
+        """The dataset's trials that reported its metric, best first."""
+        t, metric = self.trials(dataset), self.metric(dataset)
+        return t[t[metric].notna()].sort_values(metric, ascending=self.minimize(dataset)) if metric in t \
+            else t.iloc[0:0]
