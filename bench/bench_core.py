@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: timm would retry it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from diffmic.compat import ensure_torchvision_importable  # noqa: E402
@@ -95,10 +96,14 @@ def time_round_robin(items: dict[str, tuple[Callable | None, Callable]], repeats
 
 
 def model_config(spec: dict) -> dict:
-    """The `model` and `diffusion` sections `build_model` reads (plain dicts: no Hydra here)."""
-    return {"model": {"dcg": {**spec["dcg"], "local_backbone": None, "pretrained": False},
-                      "denoiser": {"encoder": "resnet18", "feature_dim": spec["feature_dim"], "pretrained": False}},
-            "diffusion": {"timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}}
+    """The `model` and `diffusion` sections `build_model` reads: the YAML defaults of configs/ (plain YAML, no Hydra)
+    with the benchmark's sizes."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    model = yaml.safe_load((configs / "model" / "diffmic.yaml").read_text())
+    diffusion = yaml.safe_load((configs / "diffusion" / "card.yaml").read_text())
+    model["dcg"].update(spec["dcg"], local_backbone=None, pretrained=False)
+    model["denoiser"].update(encoder="resnet18", feature_dim=spec["feature_dim"], pretrained=False)
+    return {"model": model, "diffusion": {**diffusion, "timesteps": 1000, "schedule": "linear"}}
 
 
 def setup_bench(spec: dict, batch: int, device: torch.device) -> Bench:
@@ -113,7 +118,8 @@ def setup_bench(spec: dict, batch: int, device: torch.device) -> Bench:
     if cuda:  # as engine.train runs on CUDA (the loader's NCHW input stays as it is)
         torch.backends.cudnn.benchmark = True
         model, classifier = (m.to(memory_format=torch.channels_last) for m in (model, classifier))
-    opts = {**build_optimizers(model, {"lr": 1e-3, "dcg_lr": 2e-4}),  # as engine.train builds them
+    train_cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train" / "paper.yaml").read_text())
+    opts = {**build_optimizers(model, train_cfg),  # as engine.train builds them
             "classifier": torch.optim.Adam(classifier.parameters(), lr=1e-3, fused=True)}
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     with torch.no_grad(), autocast():

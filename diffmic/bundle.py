@@ -72,9 +72,9 @@ def write_bundle(directory: str | Path, model: DiffMIC, cfg: dict, class_names: 
     dataset = cfg["dataset"]
     meta = {
         "class_names": list(class_names),
-        "preprocessing": {"image_size": dataset["image_size"], "mean": list(dataset.get("mean", (0.485, 0.456, 0.406))),
-                          "std": list(dataset.get("std", (0.229, 0.224, 0.225))), "resize": "center-square-crop, bilinear"},
-        "sampler": {k: cfg["diffusion"].get(k) for k in ("sampler", "sample_steps", "eta", "num_samples")},
+        "preprocessing": {"image_size": dataset["image_size"], "mean": list(dataset["mean"]),
+                          "std": list(dataset["std"]), "resize": "center-square-crop, bilinear"},
+        "sampler": {k: cfg["diffusion"][k] for k in ("sampler", "sample_steps", "eta", "num_samples")},
         "calibration": {"temperature": (metrics.get("val") or {}).get("temperature", 1.0), "fitted_on": "val"},
         "metrics": metrics,
         "provenance": provenance or {},
@@ -134,7 +134,11 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
     meta = json.loads((directory / META).read_text())
     model = build_model(config, len(meta["class_names"]), meta["preprocessing"]["image_size"],
                         initial_weights=False)
-    missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
+    except RuntimeError as e:  # shapes that do not fit (another class count, another feature_dim)
+        raise BundleError(f"bundle {str(directory)!r}: weights do not fit the architecture in {CONFIG} and "
+                          f"{META} ({' '.join(str(e).split())[:200]})") from None
     if missing or unexpected:
         raise BundleError(f"bundle {str(directory)!r}: weights do not fit the architecture in {CONFIG} "
                           f"({len(missing)} missing, {len(unexpected)} unexpected keys)")

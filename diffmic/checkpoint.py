@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from diffmic.errors import DiffmicError
+
 STATE_FILE, METRICS_FILE = "state.pt", "metrics.json"
 
 
@@ -30,19 +32,22 @@ def to_jsonable(value):
     return value
 
 
+def previous(directory: Path) -> Path:
+    """Where save_checkpoint keeps the checkpoint before the latest one."""
+    return directory.with_name(f"{directory.name}-previous")
+
+
 def save_checkpoint(directory: str | Path, state: dict) -> Path:
-    """Write the checkpoint into a sibling temp dir, then swap it in, so a crash never leaves a half-written one."""
+    """Write the checkpoint into a sibling temp dir, then swap it in, so a crash never leaves a half-written one. The
+    one it replaces is kept as <directory>-previous: a latest checkpoint damaged later (a disk error, a file cut
+    short by a copy) still leaves one to resume from."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = write_checkpoint_files(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent), state)
     if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
+        shutil.rmtree(previous(directory), ignore_errors=True)
+        os.replace(directory, previous(directory))
+    os.replace(tmp, directory)
     return directory
 
 
@@ -61,7 +66,19 @@ def load_state(directory: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(directory)!r}: no {STATE_FILE} inside (expected a checkpoint "
                                 f"directory written by diffmic)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as e:  # truncated, corrupt, or holding objects weights_only refuses
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]}); expected a {STATE_FILE} written by diffmic") from None
+    if not isinstance(state, dict) or not {"epoch", "model", "config"} <= set(state):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a diffmic training state (expected a dict with epoch, "
+                              "model and config)")
+    return state
+
+
+class CheckpointError(DiffmicError):
+    """A checkpoint that cannot be used; one line naming it."""
 
 
 def evaluation_weights(state: dict) -> dict[str, torch.Tensor]:

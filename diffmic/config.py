@@ -3,6 +3,7 @@ cluster work starts. Each problem is one line naming the key, the value and what
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 
 from diffmic.diffusion import SAMPLERS, USABLE_SCHEDULES
@@ -25,17 +26,27 @@ def _get(cfg: dict, dotted: str):
 
 
 def with_values(cfg: dict, values: dict) -> dict:
-    """A copy of `cfg` with dotted keys set (what an override `key=value` does); the parent of each must exist."""
+    """A copy of `cfg` with dotted keys set (what an override `key=value` does); each key must exist (a typo is an
+    error naming the nearest key, never a silently added one)."""
     out = copy.deepcopy(cfg)
     for key, value in values.items():
         *parents, leaf = key.split(".")
         node = out
-        for i, part in enumerate(parents):
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{key}={value!r}: the config has no section {'.'.join(parents[:i + 1])!r}")
-            node = node[part]
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            near = difflib.get_close_matches(key, list(dotted_keys(cfg)), n=1)
+            raise ConfigError(f"{key}={value!r}: no such key in the config" + (f"; did you mean {near[0]}?" if near
+                                                                                else ""))
         node[leaf] = value
     return out
+
+
+def dotted_keys(node: dict, prefix: str = ""):
+    for k, v in node.items():
+        yield f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from dotted_keys(v, f"{prefix}{k}.")
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffmic.calibration import class_probabilities, fit_temperature
-from diffmic.checkpoint import evaluation_weights, load_state
+from diffmic.checkpoint import CheckpointError, evaluation_weights, load_state
 from diffmic.config import split_seed, validate_config
 from diffmic.data import DataSplits, build_splits
 from diffmic.ema import EMA
@@ -218,6 +218,22 @@ def build_optimizers(model: DiffMIC, t: dict) -> dict[str, torch.optim.Optimizer
     }
 
 
+def _resume_from(session: Session) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads, and its state; a damaged one is passed over with one warning line. When
+    there are checkpoints and none loads, the run stops: it never silently starts again from scratch."""
+    candidates, error = session.latest_checkpoints(), None
+    for candidate in candidates:
+        try:
+            return candidate, load_state(candidate)
+        except CheckpointError as e:
+            error = e
+            if candidate != candidates[-1]:
+                session.log(f"warning: {e}; resuming from the checkpoint before it")
+    if error is not None:
+        raise error
+    return None, None
+
+
 def train(cfg: dict, session: Session | None = None) -> RunResult:
     """Train and evaluate one configuration; returns the best-validation metrics and the test metrics."""
     validate_config(cfg)
@@ -242,9 +258,8 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
     best_weights: dict[str, torch.Tensor] | None = None
     start_epoch, pretrained = 0, False
 
-    resumed = session.latest_checkpoint()
+    resumed, state = _resume_from(session)
     if resumed is not None:
-        state = load_state(resumed)
         core.load_state_dict(state["model"])
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])

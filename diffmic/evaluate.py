@@ -41,8 +41,13 @@ def load_for_evaluation(path: str | Path, overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
+    given = argv if argv is not None else sys.argv[1:]
     with one_line_errors("diffmic.evaluate"):
+        for a in given:
+            if "=" not in a or a.startswith("-"):
+                raise ValueError(f"unexpected argument {a!r}: expected key=value (checkpoint=PATH, split=val, "
+                                 "output=FILE or a config key such as diffusion.sample_steps=10)")
+        args = dict(a.split("=", 1) for a in given)
         if "checkpoint" not in args:
             raise ValueError("checkpoint=PATH is required (a run directory, checkpoint or exported bundle)")
         from diffmic.config import split_seed, validate_config

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from diffmic.checkpoint import STATE_FILE, save_checkpoint, to_jsonable
+from diffmic.checkpoint import STATE_FILE, previous, save_checkpoint, to_jsonable
 from diffmic.errors import DiffmicError
 
 
@@ -64,8 +64,9 @@ class Session:
     def report(self, metrics: dict, state: dict | None) -> None:
         raise NotImplementedError
 
-    def latest_checkpoint(self) -> Path | None:
-        return None
+    def latest_checkpoints(self) -> list[Path]:
+        """Checkpoints to resume from, newest first (the engine takes the first that loads)."""
+        return []
 
     def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
         """Called once on every rank after the final evaluation."""
@@ -77,7 +78,7 @@ class LocalSession(Session):
     A run directory is never overwritten: starting a run in one that holds a run needs `resume=True`, and resuming
     needs a checkpoint there. Both are checked here, before anything is read or written."""
 
-    OUTPUTS = ("config.json", "history.csv", "metrics.json", "checkpoint", "model")
+    OUTPUTS = ("config.json", "history.csv", "metrics.json", "checkpoint", "checkpoint-previous", "model")
 
     def __init__(self, output_dir: str | Path, resume: bool = False, device=None, amp: bool = True):
         super().__init__(device, amp)
@@ -106,10 +107,10 @@ class LocalSession(Session):
         if state is not None:
             save_checkpoint(self.checkpoint_dir, state)
 
-    def latest_checkpoint(self) -> Path | None:
-        if self.resume and (self.checkpoint_dir / STATE_FILE).is_file():
-            return self.checkpoint_dir
-        return None
+    def latest_checkpoints(self) -> list[Path]:
+        if not self.resume:
+            return []
+        return [d for d in (self.checkpoint_dir, previous(self.checkpoint_dir)) if (d / STATE_FILE).is_file()]
 
     def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
         write_csv(self.output_dir / "history.csv", result.history)

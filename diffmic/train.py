@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from diffmic.cli import CONFIG_DIR, one_line_errors, to_plain
+from diffmic.cli import CONFIG_DIR, check_overrides, one_line_errors, to_plain
 
 
 def run(cfg: dict) -> dict:
@@ -31,6 +31,8 @@ def run(cfg: dict) -> dict:
 
 def main() -> None:
     import hydra
+
+    check_overrides("config", sys.argv[1:], "diffmic.train")
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def _main(cfg) -> None:

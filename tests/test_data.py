@@ -266,6 +266,17 @@ def test_transforms_and_load_image(tmp_path):
     assert load_image(gray).mode == "RGB"
 
 
+def test_16_bit_images_are_scaled_not_saturated(tmp_path):
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)  # 0 .. 64512 over the 16-bit range
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # what PIL makes of a 16-bit grey PNG
+    rgb = np.asarray(load_image(tmp_path / "g16.png"))
+    assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(ramp / 257.0).astype(np.uint8))  # not 255 almost everywhere
+    assert (rgb == 255).mean() < 0.05
+
+
 def test_transforms_match_torchvision():
     """The data path's own transforms give exactly torchvision's tensors, random draws included."""
     from diffmic.compat import ensure_torchvision_importable
@@ -288,15 +299,15 @@ def test_transforms_match_torchvision():
     assert torch.equal(eval_transform(S)(img), T.Compose([*reference.transforms[:2], *reference.transforms[-2:]])(img))
 
 
-def test_yaml_defaults_match_code():
+def test_a_few_keys_get_the_rest_from_the_dataset_yaml():
     yaml = pytest.importorskip("yaml")
-    for f in sorted((Path(__file__).parents[1] / "configs" / "dataset").glob("*.yaml")):
+    configs = Path(__file__).parents[1] / "configs" / "dataset"
+    aptos = resolve_config({"name": "aptos2019", "root": "/data/aptos"})
+    assert aptos == resolve_config({**yaml.safe_load((configs / "aptos2019.yaml").read_text()), "root": "/data/aptos"})
+    assert aptos["augment"]["vflip"] and aptos["csv"] == "train.csv"  # what the file says
+    for f in sorted(configs.glob("*_pkl.yaml")):  # the official lists of a dataset: the pkl reader, its settings
         d = yaml.safe_load(f.read_text())
-        if f.stem.endswith("_pkl"):  # the official lists of a dataset: the pkl reader with that dataset's settings
-            assert d["name"] == "pkl" and resolve_config(d)["class_names"], f
-            continue
-        assert d["name"] == f.stem
-        assert resolve_config(d) == resolve_config({"name": d["name"]}), f
+        assert d["name"] == "pkl" and resolve_config(d)["class_names"], f
 
 
 # ------------------------------------------------------------------ bad input -> one-line DataError

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffmic.bundle import BundleError, load_bundle
-from diffmic.checkpoint import load_eval_model, load_state
+from diffmic.checkpoint import CheckpointError, load_eval_model, load_state
 from diffmic.data import build_splits
 from diffmic.engine import train
 from diffmic.session import LocalSession, SessionError
@@ -108,6 +108,22 @@ def test_no_password_reaches_a_checkpoint_config_or_bundle(tmp_path):
     assert any(p.name == "state.pt" for p in written) and any(p.name == "config.json" for p in written)
     assert not [p for p in written if b"hunter2-db-pass" in p.read_bytes()]
     assert "postgresql://diffmic:***@db.internal" in (tmp_path / "run" / "config.json").read_text()
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
+    run(tmp_path, "cut", ["train.epochs=2"])
+    state = tmp_path / "cut" / "checkpoint" / "state.pt"
+    assert load_state(tmp_path / "cut" / "checkpoint-previous")["epoch"] == 1
+    state.write_bytes(state.read_bytes()[:1000])  # cut short after the run
+    result, _ = run(tmp_path, "cut", ["train.epochs=3"], resume=True)
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "cannot be loaded" in warnings[0] and "resumed from" in err
+    assert "checkpoint-previous at epoch 1" in err and [r["epoch"] for r in result.history] == [1, 2, 3]
+    (tmp_path / "cut" / "checkpoint" / "state.pt").write_bytes(b"junk")
+    (tmp_path / "cut" / "checkpoint-previous" / "state.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError):  # none loads: stop, never a silent start from scratch
+        run(tmp_path, "cut", ["train.epochs=4"], resume=True)
 
 
 def test_resume_with_nothing_left_still_reports(tmp_path):

@@ -484,6 +484,11 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_pa
     done = {t for t, s in states.items() if s == "TERMINATED"}
     assert done and len(done) < 4, states
     before = {t: _checkpoints(exp_dir, t) for t in done}
+    # The head is lost with its disk: the driver's cache (the live Optuna study) goes too. The copy in the record,
+    # made after every finished trial, is what the next driver continues from.
+    stored = storage / "kr" / "optuna" / "synthetic.db"
+    assert _study_trials(stored, "COMPLETE") >= len(done)
+    shutil.rmtree(ray_tmp / "cache")
 
     second = Proc([*SEARCH, *args], ray_tmp / "second.log", _env(ray_tmp))
     seen.append(len(done))
@@ -508,6 +513,15 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_pa
         assert _checkpoints(exp_dir, trial) == before[trial], trial
         assert (history["trial_id"] == trial).sum() == 1, history[history["trial_id"] == trial]
     assert _csv(storage / "kr" / "best.csv").shape[0] == 1
+    assert _study_trials(stored, "COMPLETE") == 4  # the study saw every trial, those before the loss included
+    configs = summary[SEARCHED_KEYS].astype(str).agg("|".join, axis=1)
+    assert configs.nunique() == 4, summary[SEARCHED_KEYS]  # and so never ran a configuration twice
+    assert not history.duplicated(["trial_id", "epoch"]).any()
+
+
+def _study_trials(db: Path, state: str) -> int:
+    with sqlite3.connect(db) as con:
+        return con.execute("select count(*) from trials where state = ?", (state,)).fetchone()[0]
 
 
 @pytest.mark.integration
@@ -628,3 +642,8 @@ def test_a_re_reported_last_epoch_is_one_history_row_with_its_checkpoint(search_
     row = summary.iloc[0]
     assert row["checkpoint_path"] == "s3://b/c2" and row["epochs_run"] == 2 and row["status"] == "COMPLETED"
     assert row["wall_time_s"] == 31.0
+    # Tied scores: the engine's best epoch is the first of them, whose own checkpoint Ray may have dropped (it keeps
+    # the top num_to_keep by score and the latest); the latest one carries the best epoch's weights.
+    tied = df.assign(val_macro_f1=[0.6, 0.6, 0.5], epoch=[1, 2, 3], checkpoint_path=["c1", "c2", "c3"])
+    row = trial_frames(search, [SimpleNamespace(**{**vars(result), "metrics_dataframe": tied})])[0].iloc[0]
+    assert row["best_epoch"] == 1 and row["checkpoint_path"] == "c3"

@@ -102,13 +102,13 @@ class RaySession(Session):
             shutil.rmtree(self._state_dir, ignore_errors=True)
         self._state_dir = directory
 
-    def latest_checkpoint(self) -> Path | None:
+    def latest_checkpoints(self) -> list[Path]:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
+            return []
         directory = Path(checkpoint.to_directory(str(self._scratch / "restored")))
         self._keep_state(directory)
-        return directory
+        return [directory]
 
     def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
         """With `train.test_at_end`, a final report whose checkpoint is the model bundle and its test metrics."""
@@ -136,7 +136,7 @@ class RaySession(Session):
 def train_loop_per_worker(cfg: dict) -> None:
     ensure_torchvision_importable()  # a worker process starts here
     from diffmic.engine import train
-    cpus = (cfg["scaling"].get("resources_per_worker") or {}).get("CPU")
+    cpus = (cfg["scaling"]["resources_per_worker"] or {}).get("CPU")
     if cpus:  # one intra-op thread per reserved CPU: oversubscribed OpenMP threads slow every worker down
         torch.set_num_threads(max(1, int(cpus)))
     # The driver already verified every image; workers only read them.
@@ -187,13 +187,13 @@ def build_trainer(cfg: dict, storage, name: str, callbacks: list | None = None) 
         train_loop_per_worker,
         train_loop_config=cfg,
         scaling_config=ray.train.ScalingConfig(num_workers=max(1, scaling["num_workers"]), use_gpu=scaling["use_gpu"],
-                                               resources_per_worker=dict(scaling.get("resources_per_worker") or {})),
+                                               resources_per_worker=dict(scaling["resources_per_worker"] or {})),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks or [],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.get("num_to_keep"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t["num_to_keep"],
                                                          checkpoint_score_attribute=score,
                                                          checkpoint_score_order=t["select_mode"]),
-            failure_config=ray.train.FailureConfig(max_failures=scaling.get("max_failures", 0)),
+            failure_config=ray.train.FailureConfig(max_failures=scaling["max_failures"]),
         ),
     )
 
@@ -202,7 +202,7 @@ def fit(cfg: dict) -> dict:
     """`diffmic.train` through Ray Train: checks storage first, then trains; results land in storage."""
     from tune.storage import open_storage
 
-    storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"].get("create_bucket", False))
+    storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"]["create_bucket"])
     name = cfg["experiment"]  # a plain name (validate_config): the run stays under the storage root
     exists = bool(storage.list(name))
     if exists and not cfg["resume"]:

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--serve", action="store_true", help="then serve the page on 127.0.0.1 until Ctrl-C")
     ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"for --serve (default {DEFAULT_PORT}; 0: any free)")
     args = ap.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        print(f"report: error: --port {args.port}: expected 0 (any free port) to 65535", file=sys.stderr)
+        sys.exit(2)
     with one_line_errors("report"):
         record = Record.at(args.experiment_uri)  # no write probe: a read-only user can still use --output
         page = build_report(record)

@@ -22,9 +22,9 @@ def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFram
     s, t, scaling = search.cfg["search"], search.cfg["train"], search.cfg["scaling"]
     metric, mode = s["metric"], s["mode"]
     workers = max(1, scaling["num_workers"])
-    per_worker = dict(scaling.get("resources_per_worker") or {})
+    per_worker = dict(scaling["resources_per_worker"] or {})
     cpus = per_worker.get("CPU", 1) * workers
-    gpus = (per_worker.get("GPU", 1) if scaling.get("use_gpu") else 0) * workers
+    gpus = (per_worker.get("GPU", 1) if scaling["use_gpu"] else 0) * workers
     rows, history = [], []
     for result in grid:
         df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
@@ -35,13 +35,12 @@ def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFram
         params = {p.key: result.config.get(p.key) for p in search.params}
         row = {"dataset": search.dataset, "trial_id": trial_id, **params}
         if metric in df.columns and df[metric].notna().any():
+            # The first epoch of the best value, as the engine picks it (ties go to the earlier epoch).
             best = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
-            with_ckpt = df[df.get(CHECKPOINT, pd.Series(dtype=object)).notna()] if CHECKPOINT in df else df.iloc[0:0]
-            if len(with_ckpt):
-                ck = with_ckpt.loc[with_ckpt[metric].idxmax() if mode == "max" else with_ckpt[metric].idxmin()]
-                checkpoint = ck[CHECKPOINT]
-            else:
-                checkpoint = None
+            # The trial's latest checkpoint: Ray Train always keeps it (num_to_keep drops only others, and may drop
+            # the best epoch's own when scores tie), and it carries the weights of the best epoch so far.
+            with_ckpt = df[df[CHECKPOINT].notna()] if CHECKPOINT in df else df.iloc[0:0]
+            checkpoint = with_ckpt[CHECKPOINT].iloc[-1] if len(with_ckpt) else None
             epochs = int(df["epoch"].max())
             row.update({c: best[c] for c in df.columns if c.startswith("val_") and not isinstance(best[c], list)})
             row.update(best_epoch=int(best["epoch"]), epochs_run=epochs, checkpoint_path=checkpoint,
@@ -100,8 +99,8 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
 def test_best(search: DatasetSearch, best: pd.Series, export_uri: str | None) -> dict:
     """Evaluate the best trial's best checkpoint on the test split, once, and export it to export_uri (if given)."""
     scaling = search.cfg["scaling"]
-    resources = dict(scaling.get("resources_per_worker") or {})
-    num_gpus = resources.pop("GPU", 1) if scaling.get("use_gpu") else 0
+    resources = dict(scaling["resources_per_worker"] or {})
+    num_gpus = resources.pop("GPU", 1) if scaling["use_gpu"] else 0
     num_cpus = resources.pop("CPU", 1)
     checkpoint_uri = search.record.checkpoint_uri(best)
     about = provenance(search.experiment, search.dataset, best, [p.key for p in search.params], checkpoint_uri,

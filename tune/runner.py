@@ -61,6 +61,51 @@ def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
         raise result.error
 
 
+def local_study(search: DatasetSearch) -> None:
+    """The study's SQLite file on this driver, before Tune starts or restores its searcher: the stored copy when this
+    node has none (a new head after the old one was lost), nothing stale from an experiment whose results are gone."""
+    if search.cfg["search"]["optuna_storage"]:
+        return
+    db, stored = search.optuna_db(), search.record.study_key(search.dataset)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    if db.exists() and not search.storage.exists(search.rel):  # the results it belonged to are gone
+        db.unlink()  # a fresh experiment under an old name starts a fresh study
+    if not db.exists() and search.storage.exists(stored):
+        search.storage.download_file(stored, db)
+
+
+def snapshot(db: Path) -> bytes:
+    """A consistent copy of a SQLite file that Optuna may be writing (SQLite's backup API, not a byte copy)."""
+    import contextlib
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "study.db"
+        with contextlib.closing(sqlite3.connect(db)) as source, contextlib.closing(sqlite3.connect(copy)) as target:
+            source.backup(target)
+        return copy.read_bytes()
+
+
+class StudyBackup(tune.Callback):
+    """Copies the study to the experiment record after every trial that ends, so that losing the head node (and
+    the driver's local cache with it) loses no finished trial from the study that steers the search. It holds only
+    paths (Ray pickles it into the experiment state)."""
+
+    def __init__(self, db: Path, storage: Storage, key: str) -> None:
+        self.db, self.storage, self.key = db, storage, key
+
+    def _backup(self) -> None:
+        if self.db.exists():
+            self.storage.write_bytes(self.key, snapshot(self.db))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._backup()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._backup()
+
+
 def optuna_searcher(search: DatasetSearch):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
@@ -75,17 +120,10 @@ def optuna_searcher(search: DatasetSearch):
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=s["seed"]),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=s["seed"]),
     }
-    if s.get("optuna_storage"):
+    if s["optuna_storage"]:
         storage = optuna.storages.RDBStorage(s["optuna_storage"])
     else:
-        db = search.optuna_db()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        if db.exists() and not search.storage.exists(search.rel):  # the results it belonged to are gone
-            db.unlink()  # a fresh experiment under an old name starts a fresh study
-        stored = search.record.study_key(search.dataset)
-        if not db.exists() and search.storage.exists(stored):
-            search.storage.download_file(stored, db)  # a new driver continues the stored study
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        storage = optuna.storages.RDBStorage(f"sqlite:///{search.optuna_db()}")
     searcher = OptunaSearch(sampler=DistinctSampler(samplers[s["sampler"]](), seed=s["seed"]), storage=storage,
                             study_name=f"{search.experiment}-{search.dataset}")
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent(search.cfg))
@@ -94,17 +132,17 @@ def optuna_searcher(search: DatasetSearch):
 def max_concurrent(cfg: dict) -> int:
     """Trials at once: the knob, else as many as the cluster's current CPUs/GPUs fit (Tune cannot count Train's
     workers itself under Train V2, ray-project/ray#54305)."""
-    if cfg["search"].get("max_concurrent_trials"):
+    if cfg["search"]["max_concurrent_trials"]:
         return int(cfg["search"]["max_concurrent_trials"])
     scaling = cfg["scaling"]
-    per_worker = dict(scaling.get("resources_per_worker") or {})
+    per_worker = dict(scaling["resources_per_worker"] or {})
     workers = max(1, scaling["num_workers"])
     total = ray.cluster_resources()
     fits = []
     for resource, amount in per_worker.items():
         if amount:
             fits.append(int(total.get(resource, 0) // (amount * workers)))
-    if scaling.get("use_gpu") and "GPU" not in per_worker:
+    if scaling["use_gpu"] and "GPU" not in per_worker:
         fits.append(int(total.get("GPU", 0) // workers))
     return max(1, min(fits) if fits else 1)
 
@@ -128,6 +166,7 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
                              checkpoints_uri=search.storage.join(search.checkpoints_rel)),
         TRIAL_RESOURCES,
     )
+    local_study(search)
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         print(f"[search] {search.dataset}: resuming {search.storage.join(search.rel)}", flush=True)
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
@@ -152,10 +191,13 @@ def new_tuner(search: DatasetSearch, trainable, path: str, fs) -> tune.Tuner:
         param_space=tune_space(search.params),
         tune_config=tune.TuneConfig(metric=s["metric"], mode=s["mode"], search_alg=optuna_searcher(search),
                                     scheduler=scheduler, num_samples=s["num_samples"],
-                                    time_budget_s=s.get("time_budget_s")),
+                                    time_budget_s=s["time_budget_s"]),
         run_config=tune.RunConfig(name=search.dataset, storage_path=path, storage_filesystem=fs,
                                   progress_reporter=progress_reporter(search), verbose=1,
+                                  callbacks=[] if s["optuna_storage"] else [
+                                      StudyBackup(search.optuna_db(), search.storage,
+                                                  search.record.study_key(search.dataset))],
                                   # Ray Train already retries a trial's workers (scaling.max_failures); this only
                                   # restarts a trial whose driver actor was lost, so the two do not multiply.
-                                  failure_config=tune.FailureConfig(max_failures=s.get("trial_max_failures", 1))),
+                                  failure_config=tune.FailureConfig(max_failures=s["trial_max_failures"])),
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tune/search.py` from any working copy
 
-from diffmic.cli import CONFIG_DIR, one_line_errors, to_plain  # noqa: E402
+from diffmic.cli import CONFIG_DIR, check_overrides, one_line_errors, to_plain  # noqa: E402
 
 SAMPLERS, SCHEDULERS, MODES = ("tpe", "random", "cmaes", "qmc"), ("asha", "none"), ("max", "min")
 
@@ -35,7 +35,7 @@ def check_search(cfg: dict, known: list[str] | None = None) -> None:
         if name not in known:
             raise SearchError(f"datasets: unknown dataset {name!r}: expected one of {', '.join(known)} "
                               f"(or a file configs/dataset/{name}.yaml)")
-    roots = cfg.get("roots") or {}
+    roots = cfg["roots"] or {}
     if not isinstance(roots, dict):
         raise SearchError(f"roots={roots!r}: expected a mapping of dataset name to root, e.g. roots.isic2018=/data/isic")
     for name, root in roots.items():
@@ -88,14 +88,14 @@ def plan(cfg: dict, overrides: list[str]):
     from tune.storage import open_storage
 
     check_search(cfg, known_datasets(overrides))
-    storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"].get("create_bucket", False))
-    if cfg.get("resume") and not storage.exists(cfg["experiment"]):
+    storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"]["create_bucket"])
+    if cfg["resume"] and not storage.exists(cfg["experiment"]):
         raise SearchError(f"resume=true but there is no experiment {cfg['experiment']!r} under {storage.uri}")
     kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("datasets", "dataset")]
     searches = []
     for name in cfg["datasets"]:
         dcfg = to_plain(compose(config_name="search", overrides=[*kept, f"dataset={name}"]))
-        root = (cfg.get("roots") or {}).get(name)
+        root = (cfg["roots"] or {}).get(name)
         if root is not None:
             dcfg["dataset"]["root"] = str(root)
         where = f"roots.{name}" if root is not None else "dataset.root"
@@ -142,7 +142,7 @@ def search(cfg: dict, overrides: list[str]) -> None:
     from tune.distributed import init_ray
     from tune.record import Record, best_entry, best_trial, describe
     from tune.results import test_best, trial_frames
-    from tune.runner import run_search
+    from tune.runner import run_search, snapshot
 
     storage, searches = plan(cfg, overrides)
     record = Record(storage, cfg["experiment"])
@@ -160,23 +160,23 @@ def search(cfg: dict, overrides: list[str]) -> None:
         if best is None:
             print(f"[search] {s.dataset}: no trial reported {metric}; nothing to test or export", flush=True)
             continue
-        tested = test_best(s, best, record.best_bundle_uri(s.dataset) if cfg.get("export", True) else None)
+        tested = test_best(s, best, record.best_bundle_uri(s.dataset) if cfg["export"] else None)
         details[s.dataset] = best_entry(best, [p.key for p in s.params], tested["test"], tested["class_names"],
                                         tested["checkpoint_uri"], tested["bundle_uri"])
-        if not s.cfg["search"].get("optuna_storage") and s.optuna_db().exists():
-            record.write_study(s.dataset, s.optuna_db().read_bytes())
+        if not s.cfg["search"]["optuna_storage"] and s.optuna_db().exists():
+            record.write_study(s.dataset, snapshot(s.optuna_db()))
     summary = pd.concat(summaries, ignore_index=True)
     history = [h for h in histories if len(h)]
     record.write_results(summary, pd.concat(history, ignore_index=True) if history else pd.DataFrame(), details,
                          {s.dataset: describe(s.cfg, s.params) for s in searches}, started, time.time() - started)
-    if cfg.get("export", True):
+    if cfg["export"]:
         from tune.promote import first_current
         for dataset in details:
             print(f"[search] {first_current(record, dataset)}", flush=True)
-    if cfg.get("report", True):
+    if cfg["report"]:
         from tune.report import write_report
         write_report(record)
-    print_tables(summary, record.read_table("best"), record, cfg.get("report", True))
+    print_tables(summary, record.read_table("best"), record, cfg["report"])
 
 
 def print_tables(summary, best, record, report: bool) -> None:
@@ -208,6 +208,14 @@ def main() -> None:
 
     # `roots` starts empty, and Hydra refuses new keys in a composed config: `roots.NAME=PATH` is taken as `++roots…`
     sys.argv = [f"++{a}" if a.startswith("roots.") else a for a in sys.argv]
+    args = sys.argv[1:]
+    if any(a.replace(" ", "") in ("search.space={}", "search.space=null") for a in args):
+        # Hydra merges a mapping into the default one: `{}` would silently leave the whole default space searched
+        print("search: error: search.space={} does not empty the space (Hydra merges it into the default one): "
+              "drop parameters with ~search.space.NAME, or pick another space with search=<name>", file=sys.stderr)
+        sys.exit(2)
+    if not any(a.startswith("hydra.searchpath") for a in args):  # extra config dirs: Hydra's own message then
+        check_overrides("search", args, "search")
     _main()
 
 

@@ -1,6 +1,7 @@
-"""Defaults and up-front validation of the `dataset` config group (a plain dict; Hydra/OmegaConf mappings work too).
+"""Up-front validation of the `dataset` config group (a plain dict; Hydra/OmegaConf mappings work too).
 
-The YAML files in configs/dataset/ carry the same defaults; keys missing from a config are filled from here.
+The defaults are those of configs/dataset/<name>.yaml, the one place they live: a config given as a few keys
+(`{"name": "isic2018", "root": …}` from Python) gets the rest from that file, exactly as Hydra composes it.
 Keys this module does not know are ignored (so a config group may carry keys meant for other code).
 """
 from __future__ import annotations
@@ -11,25 +12,16 @@ from collections.abc import Mapping, Sequence
 
 from diffmic.data import synthetic
 from diffmic.data.errors import DataError
-from diffmic.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-COMMON = {
-    "name": "synthetic", "root": None, "image_size": 224, "val_fraction": 0.15, "test_fraction": 0.3,
-    "split_seed": 0, "augment": {"hflip": True, "vflip": False, "rotation": 30}, "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD), "verify_images": True, "class_names": None,
-}
-PER_DATASET = {
-    "synthetic": {"image_size": 64, "num_classes": 4, "num_train": 800, "num_test": 240, "seed": 0},
-    "isic2018": {"images_dir": "images", "csv": "ISIC2018_Task3_Training_GroundTruth.csv", "image_ext": ".jpg",
-                 "test_csv": None, "test_images_dir": None},
-    "aptos2019": {"images_dir": "train_images", "csv": "train.csv", "image_ext": ".png", "test_csv": None,
-                  "test_images_dir": None, "augment": {"vflip": True}},
-    "pkl": {"train_list": None, "test_list": None, "path_remap": {"from": "./dataset/isic2018/", "to": None},
-            "num_classes": None},
-    "folder": {"train_dir": "train", "test_dir": "test"},
-    "csv": {"train_csv": "train.csv", "test_csv": None, "image_column": "image", "label_column": "label"},
-}
-KNOWN = tuple(PER_DATASET)
+KNOWN = ("synthetic", "isic2018", "aptos2019", "pkl", "folder", "csv")  # the readers (and the synthetic set)
+
+
+def defaults(name: str) -> dict:
+    """configs/dataset/<name>.yaml, as plain data."""
+    import yaml
+
+    from diffmic.cli import CONFIG_DIR
+    return yaml.safe_load((CONFIG_DIR / "dataset" / f"{name}.yaml").read_text())
 
 
 def _merge(base: dict, over: Mapping) -> dict:
@@ -84,10 +76,10 @@ def resolve_config(cfg: Mapping | None) -> dict:
     given = _plain(cfg or {})
     if not isinstance(given, dict):
         raise DataError(f"dataset config is a {type(cfg).__name__}; expected a mapping of dataset keys")
-    name = given.get("name", COMMON["name"])
-    if name not in PER_DATASET:
+    name = given.get("name", "synthetic")
+    if name not in KNOWN:
         raise DataError(f"unknown dataset name {name!r}; expected one of: {', '.join(KNOWN)}")
-    c = _merge(_merge(COMMON, PER_DATASET[name]), given)
+    c = _merge(defaults(name), given)
 
     c["image_size"] = _int(c, "image_size", 32, what=" (pixels)")
     c["val_fraction"] = _fraction(c, "val_fraction", "a validation split is needed for model selection")

@@ -5,6 +5,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from PIL import Image
 
 from diffmic.data.errors import DataError
@@ -12,11 +13,22 @@ from diffmic.data.errors import DataError
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. 16- and 32-bit grey images are scaled by their bit depth: PIL's own convert("RGB") clips them at
+    255, which saturates almost every pixel of a 16-bit PNG (a common medical export)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or values.max() <= 65535 else float(values.max())
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """The image at `path` as RGB; DataError naming the file when it is missing, unreadable or corrupt."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
     except _READ_ERRORS as e:
@@ -24,15 +36,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def _decode_problem(path: str) -> str | None:
-    """None when the file decodes, else a short reason. Cheap: PNG chunk CRCs, JPEG decoded at 1/8 scale."""
+    """None when the file decodes, else a short reason. Every image is decoded in full (a PNG whose chunk CRCs are
+    valid can still hold pixel data that fails to inflate); JPEGs at 1/8 scale, which still reads every block."""
     try:
         with Image.open(path) as im:
-            if im.format == "PNG":
-                im.verify()  # reads every chunk and checks its CRC: catches truncation and bit rot
-            else:
-                if im.format == "JPEG":
-                    im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-                im.load()
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
     except _READ_ERRORS as e:
         return f"{type(e).__name__}: {e}"
     return None
