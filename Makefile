@@ -23,8 +23,13 @@ test: install
 	$(PY) -m pytest
 
 # For development: the unit tests of pure code (no Ray cluster, S3 server, browser or long training), under 2 minutes.
-test-fast: install
-	$(PY) -m pytest -q -m "not integration and not slow"
+# It runs in the environment already set up: .venv, else a `python` on PATH that imports this checkout's diffmic
+# (an activated virtualenv); only when there is neither is .venv created first.
+test-fast:
+	@if [ -x $(PY) ]; then py=$(PY); \
+	elif python -c "import diffmic, pathlib, sys; sys.exit(pathlib.Path(diffmic.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" 2>/dev/null; then py=python; \
+	else $(MAKE) install && py=$(PY); fi; \
+	$$py -m pytest -q -m "not integration and not slow"
 
 bench: install
 	$(PY) bench/bench_core.py
