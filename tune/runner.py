@@ -88,9 +88,9 @@ def snapshot(db: Path) -> bytes:
 
 
 class StudyBackup(tune.Callback):
-    """Copies the study to the experiment record after every trial that ends, so that losing the head node (and
-    the driver's local cache with it) loses no finished trial from the study that steers the search. It holds only
-    paths (Ray pickles it into the experiment state)."""
+    """Copies the study to the experiment record whenever a trial starts or ends, so that losing the head node (and
+    the driver's local cache with it) loses no trial from the study that steers the search. It holds only paths
+    (Ray pickles it into the experiment state)."""
 
     def __init__(self, db: Path, storage: Storage, key: str) -> None:
         self.db, self.storage, self.key = db, storage, key
@@ -98,6 +98,11 @@ class StudyBackup(tune.Callback):
     def _backup(self) -> None:
         if self.db.exists():
             self.storage.write_bytes(self.key, snapshot(self.db))
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        # The new trial's record is in the study now; Tune's saved searcher state will name it, so the copy must too
+        # (a restored searcher reporting for a trial the study lacks fails with "Record does not exist").
+        self._backup()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._backup()
