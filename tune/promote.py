@@ -44,7 +44,7 @@ def promote(record: Record, dataset: str, force: bool = False) -> str:
     if search is None:
         raise RecordError(f"--dataset {dataset!r}: not searched in {record.uri}")
     metric, mode = search["metric"], search["mode"]
-    storage, src, current = record.storage, record.key("best", dataset), record.current_key(dataset)
+    storage, src, current = record.storage, record.best_key(dataset), record.current_key(dataset)
     new = bundle_meta(storage, src)
     if new is None:
         raise RecordError(f"no complete bundle at {storage.join(src)} (the search exports one when it ends; "

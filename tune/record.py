@@ -71,8 +71,12 @@ class Record:
     def study_key(self, dataset: str) -> str:
         return self.key("optuna", f"{dataset}.db")
 
+    def best_key(self, dataset: str) -> str:
+        """This experiment's best model of a dataset (a bundle)."""
+        return self.key("best", dataset)
+
     def best_bundle_uri(self, dataset: str) -> str:
-        return self.storage.join(self.experiment, "best", dataset)
+        return self.storage.join(self.best_key(dataset))
 
     @staticmethod
     def current_key(dataset: str) -> str:
@@ -90,9 +94,6 @@ class Record:
             raise RecordError(f"trial {trial['trial_id']}: checkpoint {trial[CHECKPOINT]!r} is not inside the "
                               f"experiment {self.uri}")
         return self.storage.join(rel)
-
-    def exists(self) -> bool:
-        return self.storage.exists(self.experiment)
 
     # ------------------------------------------------------------ writing
     def write_search(self, datasets: dict[str, dict], started: float, wall_time_s: float) -> None:
