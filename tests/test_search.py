@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -177,9 +178,10 @@ def _ok(run: Run) -> None:
     assert run.rc == 0, f"search failed (rc {run.rc}):\n{run.tail()}"
 
 
-def _csv(path: Path):
+def _csv(path):
+    """A result CSV as written; trial ids like 15527155 are names, not numbers."""
     import pandas as pd
-    return pd.read_csv(path)
+    return pd.read_csv(path, dtype={"trial_id": str})
 
 
 def _trial_states(exp_dir: Path) -> dict[str, str]:
@@ -338,6 +340,58 @@ def test_the_searcher_never_runs_a_configuration_twice():
     assert (seventh["a"], seventh["b"]) in set(configs)
 
 
+def test_a_result_for_a_trial_the_study_already_finished_is_not_fatal(tmp_path):
+    """The driver is lost after a trial ended but before Tune saved that: the restored trial runs its last epoch again
+    and reports it, while the study (saved at once) already holds the trial as finished. Optuna refuses to update a
+    finished trial; the search goes on and the study keeps the result it has."""
+    import optuna
+    from ray import tune
+    from optuna.trial import TrialState
+
+    from tune.searcher import ResumableOptunaSearch
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    searcher = ResumableOptunaSearch(space={"a": tune.choice([1, 2])}, metric="m", mode="max",
+                                     storage=optuna.storages.RDBStorage(storage), study_name="s")
+    searcher.suggest("t0")
+    searcher.on_trial_result("t0", {"m": 0.5, "training_iteration": 1})
+    saved = pickle.dumps(searcher.__dict__)  # Tune's saved searcher state: t0 still running
+    searcher.on_trial_complete("t0", {"m": 0.5, "training_iteration": 1})
+
+    restored = ResumableOptunaSearch(space={"a": tune.choice([1, 2])}, metric="m", mode="max",
+                                     storage=optuna.storages.RDBStorage(storage), study_name="s")
+    restored.__dict__.update(pickle.loads(saved))
+    restored.on_trial_result("t0", {"m": 0.5, "training_iteration": 1})
+    restored.on_trial_complete("t0", {"m": 0.5, "training_iteration": 1})
+    trial, = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.value == 0.5
+
+
+def test_the_study_copy_holds_every_trial_the_saved_searcher_names(search_cfg, tmp_path, monkeypatch):
+    """A trial is created in the study when Tune asks for it, which can be long before it starts. Tune saves the
+    searcher's state, then asks each callback for its own: the study copy taken then must hold that trial, or a new
+    head resuming from the copy fails with "Record does not exist" (seen in CI)."""
+    from contextlib import closing
+
+    from tune.runner import DatasetSearch, StudyBackup, optuna_searcher
+    from tune.space import parse_space, tune_space
+    from tune.storage import open_storage
+
+    monkeypatch.setenv("DIFFMIC_CACHE", str(tmp_path / "cache"))
+    cfg = {**search_cfg, "search": {**search_cfg["search"], "max_concurrent_trials": 2}}
+    storage = open_storage(str(tmp_path / "results"), check=False)
+    search = DatasetSearch("synthetic", cfg, parse_space(cfg["search"]["space"], cfg), storage, "copy")
+    search.optuna_db().parent.mkdir(parents=True, exist_ok=True)
+    searcher = optuna_searcher(search)
+    searcher.set_search_properties(cfg["search"]["metric"], cfg["search"]["mode"], tune_space(search.params))
+    assert searcher.suggest("t0") is not None  # asked for, not started
+
+    StudyBackup(search.optuna_db(), storage, search.record.study_key("synthetic")).get_state()
+    copy = tmp_path / "results" / search.record.study_key("synthetic")
+    with closing(sqlite3.connect(copy)) as db:
+        assert db.execute("select count(*) from trials").fetchone()[0] == 1
+
+
 # ------------------------------------------------------------------------------- bad input: before any Ray
 BAD_INPUT = {
     "unknown dataset": (["datasets=[nope]"], "unknown dataset 'nope'"),
@@ -405,8 +459,6 @@ def ray_head(ray_tmp):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_job_submit_search_into_s3(s3_server, s3_bucket, ray_head, ray_tmp):
-    import pandas as pd
-
     job_env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                           "AWS_DEFAULT_REGION")}
     job_env.update(HF_HUB_OFFLINE="1", DIFFMIC_CACHE=str(ray_tmp / "cache"))
@@ -429,12 +481,12 @@ def test_job_submit_search_into_s3(s3_server, s3_bucket, ray_head, ray_tmp):
     def read(key: str) -> bytes:
         return s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
 
-    summary = pd.read_csv(io.BytesIO(read("exp/js/summary.csv")))
+    summary = _csv(io.BytesIO(read("exp/js/summary.csv")))
     assert len(summary) == 3 and summary["trial_id"].nunique() == 3, summary
     assert {"dataset", "trial_id", "status", *SEARCHED_KEYS} <= set(summary.columns)
     assert {"val_macro_f1", "val_accuracy"} <= set(summary.columns)
     assert set(summary["dataset"]) == {"synthetic"} and set(summary["status"]) == {"COMPLETED"}
-    best = pd.read_csv(io.BytesIO(read("exp/js/best.csv")))
+    best = _csv(io.BytesIO(read("exp/js/best.csv")))
     assert len(best) == 1 and best["dataset"][0] == "synthetic"
     assert {"test_macro_f1", "test_accuracy", "val_macro_f1", "checkpoint_uri", *SEARCHED_KEYS} <= set(best.columns)
     assert best["checkpoint_uri"][0].startswith(f"s3://{s3_bucket}/exp/js/synthetic/checkpoints/")
@@ -586,7 +638,6 @@ def test_asha_stops_a_trial_early(ray_tmp, tmp_path):
 def test_the_exported_weights_are_those_of_the_epoch_the_search_reports(ray_tmp, tmp_path, metric, mode):
     """One selection rule: the epoch a search reports (summary, best row) is the epoch whose weights it exports, for a
     metric other than the default and for a minimised one."""
-    import pandas as pd
     from safetensors.torch import load_file
 
     from diffmic.checkpoint import evaluation_weights, load_state
@@ -602,7 +653,7 @@ def test_the_exported_weights_are_those_of_the_epoch_the_search_reports(ray_tmp,
     history = res.history[res.history["trial_id"] == row["trial_id"]].set_index("epoch")
     best_value = history[metric].max() if mode == "max" else history[metric].min()
     assert row[metric] == best_value == history.loc[row["best_epoch"], metric]
-    best = pd.read_csv(storage / "sel" / "best.csv").iloc[0]
+    best = _csv(storage / "sel" / "best.csv").iloc[0]
     assert best["trial_id"] == row["trial_id"] and best[metric] == row[metric]
     state = load_state(Path(best["checkpoint_uri"]))
     assert state["best"]["epoch"] == row["best_epoch"] and state["best"]["metrics"][metric[4:]] == row[metric]

@@ -88,9 +88,9 @@ def snapshot(db: Path) -> bytes:
 
 
 class StudyBackup(tune.Callback):
-    """Copies the study to the experiment record whenever a trial starts or ends, so that losing the head node (and
-    the driver's local cache with it) loses no trial from the study that steers the search. It holds only paths
-    (Ray pickles it into the experiment state)."""
+    """Copies the study to the experiment record, so that losing the head node (and the driver's local cache with it)
+    loses no trial from the study that steers the search. It holds only paths (Ray pickles it into the experiment
+    state)."""
 
     def __init__(self, db: Path, storage: Storage, key: str) -> None:
         self.db, self.storage, self.key = db, storage, key
@@ -99,13 +99,16 @@ class StudyBackup(tune.Callback):
         if self.db.exists():
             self.storage.write_bytes(self.key, snapshot(self.db))
 
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        # The new trial's record is in the study now; Tune's saved searcher state will name it, so the copy must too
-        # (a restored searcher reporting for a trial the study lacks fails with "Record does not exist").
+    def get_state(self) -> None:
+        # Tune asks for this right after it saved the searcher's state and before it uploads both: a copy taken here
+        # holds every Optuna trial that saved state names (a trial is created when suggested, which can be long
+        # before it starts; a restored searcher reporting for a trial the copy lacks fails with "Record does not
+        # exist"). Nothing of its own to save.
         self._backup()
+        return None
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._backup()
+        self._backup()  # a finished trial is kept at once, not at the next periodic save
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._backup()
@@ -114,9 +117,8 @@ class StudyBackup(tune.Callback):
 def optuna_searcher(search: DatasetSearch):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    from tune.searcher import DistinctSampler
+    from tune.searcher import DistinctSampler, ResumableOptunaSearch
 
     s = search.cfg["search"]
     samplers = {
@@ -129,8 +131,8 @@ def optuna_searcher(search: DatasetSearch):
         storage = optuna.storages.RDBStorage(s["optuna_storage"])
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{search.optuna_db()}")
-    searcher = OptunaSearch(sampler=DistinctSampler(samplers[s["sampler"]](), seed=s["seed"]), storage=storage,
-                            study_name=f"{search.experiment}-{search.dataset}")
+    searcher = ResumableOptunaSearch(sampler=DistinctSampler(samplers[s["sampler"]](), seed=s["seed"]),
+                                     storage=storage, study_name=f"{search.experiment}-{search.dataset}")
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent(search.cfg))
 
 

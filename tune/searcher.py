@@ -1,5 +1,8 @@
-"""Optuna without running the same configuration twice: a sampler that wraps the chosen one (TPE, random, CMA-ES,
-QMC) through Optuna's public sampler interface, handed to Ray's OptunaSearch as its `sampler`.
+"""Optuna as the search's searcher: Ray's OptunaSearch made safe to restore, and a sampler that never runs the same
+configuration twice.
+
+DistinctSampler wraps the chosen sampler (TPE, random, CMA-ES, QMC) through Optuna's public sampler interface, handed to
+the searcher as its `sampler`.
 
 The searched spaces are small and mostly categorical (the default one has 384 points), and TPE exploits: once a point
 scores well it tends to propose that very point again, and a second trial of it only re-measures seed noise at full
@@ -16,10 +19,24 @@ from typing import Any
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.study import Study
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
+from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
 _DRAWS = 200  # random neighbours and points tried before accepting a repeat (the space may be exhausted)
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """The study is saved at once, Tune's own state only every few seconds: a driver lost in between restores a trial
+    that had ended as still running, and that trial reports its last epoch again. Optuna refuses to update a finished
+    trial; the study keeps the result it holds and the search goes on."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            logger.info("trial %s already finished in the study; its repeated result is not reported again", trial_id)
 
 
 class DistinctSampler(BaseSampler):
