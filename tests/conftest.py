@@ -7,6 +7,9 @@ from diffmic.compat import ensure_torchvision_importable
 
 # No hub access here: without this every timm/HF lookup retries for ~40 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The key that signs a search's Ray state (tune/resume.py): without one, the first search would make a key file in the
+# user's home. Tests of the other key sources unset it.
+os.environ.setdefault("DIFFMIC_SIGNING_KEY", "diffmic-tests")
 ensure_torchvision_importable()  # the test process starts here (timm imports torchvision)
 
 

@@ -354,17 +354,21 @@ def test_a_result_for_a_trial_the_study_already_finished_is_not_fatal(tmp_path):
     searcher = ResumableOptunaSearch(space={"a": tune.choice([1, 2])}, metric="m", mode="max",
                                      storage=optuna.storages.RDBStorage(storage), study_name="s")
     searcher.suggest("t0")
-    searcher.on_trial_result("t0", {"m": 0.5, "training_iteration": 1})
-    saved = pickle.dumps(searcher.__dict__)  # Tune's saved searcher state: t0 still running
-    searcher.on_trial_complete("t0", {"m": 0.5, "training_iteration": 1})
+    searcher.on_trial_result("t0", {"m": 0.4, "epoch": 1, "training_iteration": 1})
+    saved = pickle.dumps(searcher.__dict__)  # Tune's last saved searcher state: t0 at epoch 1, running
+    searcher.on_trial_result("t0", {"m": 0.5, "epoch": 2, "training_iteration": 2})
+    searcher.on_trial_complete("t0", {"m": 0.5, "epoch": 2, "training_iteration": 2})
 
     restored = ResumableOptunaSearch(space={"a": tune.choice([1, 2])}, metric="m", mode="max",
                                      storage=optuna.storages.RDBStorage(storage), study_name="s")
     restored.__dict__.update(pickle.loads(saved))
-    restored.on_trial_result("t0", {"m": 0.5, "training_iteration": 1})
-    restored.on_trial_complete("t0", {"m": 0.5, "training_iteration": 1})
+    # The restored trial's Train run resumes from its epoch-2 checkpoint and reports that epoch again, as Tune's
+    # first iteration of the restored trial.
+    restored.on_trial_result("t0", {"m": 0.5, "epoch": 2, "training_iteration": 1})
+    restored.on_trial_complete("t0", {"m": 0.5, "epoch": 2, "training_iteration": 1})
     trial, = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert trial.state == TrialState.COMPLETE and trial.value == 0.5
+    assert trial.intermediate_values == {1: 0.4, 2: 0.5}  # steps are epochs
 
 
 def test_the_study_copy_holds_every_trial_the_saved_searcher_names(search_cfg, tmp_path, monkeypatch):
@@ -373,7 +377,8 @@ def test_the_study_copy_holds_every_trial_the_saved_searcher_names(search_cfg, t
     head resuming from the copy fails with "Record does not exist" (seen in CI)."""
     from contextlib import closing
 
-    from tune.runner import DatasetSearch, StudyBackup, optuna_searcher
+    from tune.resume import SearchState
+    from tune.runner import DatasetSearch, optuna_searcher
     from tune.space import parse_space, tune_space
     from tune.storage import open_storage
 
@@ -386,7 +391,9 @@ def test_the_study_copy_holds_every_trial_the_saved_searcher_names(search_cfg, t
     searcher.set_search_properties(cfg["search"]["metric"], cfg["search"]["mode"], tune_space(search.params))
     assert searcher.suggest("t0") is not None  # asked for, not started
 
-    StudyBackup(search.optuna_db(), storage, search.record.study_key("synthetic")).get_state()
+    searcher.searcher.save_to_dir(str(tmp_path))  # what Tune does first; then it asks each callback for its state
+    SearchState(storage, search.rel, search.record.study_key("synthetic"), search.record.state_key("synthetic"),
+                search.optuna_db(), None, searcher.searcher).get_state()
     copy = tmp_path / "results" / search.record.study_key("synthetic")
     with closing(sqlite3.connect(copy)) as db:
         assert db.execute("select count(*) from trials").fetchone()[0] == 1
@@ -569,6 +576,39 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_pa
     configs = summary[SEARCHED_KEYS].astype(str).agg("|".join, axis=1)
     assert configs.nunique() == 4, summary[SEARCHED_KEYS]  # and so never ran a configuration twice
     assert not history.duplicated(["trial_id", "epoch"]).any()
+
+
+class _Payload:
+    """What a writer of the results bucket could put in tuner.pkl: unpickling it runs a command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_resuming_refuses_ray_state_the_search_did_not_write(ray_tmp, tmp_path):
+    """Resuming hands Ray's state files to Tuner.restore, which unpickles them: a replaced tuner.pkl is refused with
+    one line before Ray starts, and its payload never runs (before tune/resume.py it ran on the driver)."""
+    storage, marker = tmp_path / "results", tmp_path / "pwned"
+    args = ["experiment=sig", "search.num_samples=1", f"storage.uri={storage}", "export=false", *tiny()]
+    _ok(_search(args, ray_tmp, "first.log"))
+    tuner = storage / "sig" / "synthetic" / "tuner.pkl"
+    good = tuner.read_bytes()
+    tuner.write_bytes(pickle.dumps(_Payload(marker)))
+
+    run = _search(args, ray_tmp, "tampered.log", timeout=300)
+    errors = [line for line in run.out.splitlines() if ERROR_PREFIX in line]
+    assert run.rc == 2 and len(errors) == 1, run.tail()
+    assert "tuner.pkl is not as this project's search wrote it" in errors[0] and "trust_ray_state=true" in errors[0]
+    assert not marker.exists() and run.seconds < 90  # refused while planning, before Ray
+
+    tuner.write_bytes(good)  # the search's own file resumes (nothing left to run)
+    _ok(_search(args, ray_tmp, "resumed.log"))
+    assert not marker.exists()
 
 
 def _study_trials(db: Path, state: str) -> int:

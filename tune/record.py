@@ -6,6 +6,8 @@
     <root>/<experiment>/best.{parquet,csv}       one row per dataset: the best trial, its val_* and test_* metrics
     <root>/<experiment>/best.json                per dataset: the same with the confusion matrix and class names
     <root>/<experiment>/optuna/<dataset>.db      each dataset's Optuna study (SQLite)
+    <root>/<experiment>/state/<dataset>.json     what a new head needs to resume (tune/resume.py): ASHA's rungs,
+                                                 the signatures of Ray's state files
     <root>/<experiment>/report.html              the results page (tune/report.py)
     <root>/<experiment>/<dataset>/               Ray Tune's experiment: trials and their checkpoints
     <root>/<experiment>/best/<dataset>/          this experiment's best model of each dataset (a bundle)
@@ -70,6 +72,9 @@ class Record:
 
     def study_key(self, dataset: str) -> str:
         return self.key("optuna", f"{dataset}.db")
+
+    def state_key(self, dataset: str) -> str:
+        return self.key("state", f"{dataset}.json")
 
     def best_key(self, dataset: str) -> str:
         """This experiment's best model of a dataset (a bundle)."""

@@ -14,6 +14,7 @@ from diffmic.remote import cache_dir
 from diffmic.secrets import redact_config
 from tune.distributed import build_trainer, sweep_orphaned_scratch
 from tune.record import Record
+from tune.resume import ResumableASHA, SearchState, verify_ray_state
 from tune.space import Param, tune_space
 from tune.storage import Storage, open_storage
 
@@ -72,46 +73,6 @@ def local_study(search: DatasetSearch) -> None:
         db.unlink()  # a fresh experiment under an old name starts a fresh study
     if not db.exists() and search.storage.exists(stored):
         search.storage.download_file(stored, db)
-
-
-def snapshot(db: Path) -> bytes:
-    """A consistent copy of a SQLite file that Optuna may be writing (SQLite's backup API, not a byte copy)."""
-    import contextlib
-    import sqlite3
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "study.db"
-        with contextlib.closing(sqlite3.connect(db)) as source, contextlib.closing(sqlite3.connect(copy)) as target:
-            source.backup(target)
-        return copy.read_bytes()
-
-
-class StudyBackup(tune.Callback):
-    """Copies the study to the experiment record, so that losing the head node (and the driver's local cache with it)
-    loses no trial from the study that steers the search. It holds only paths (Ray pickles it into the experiment
-    state)."""
-
-    def __init__(self, db: Path, storage: Storage, key: str) -> None:
-        self.db, self.storage, self.key = db, storage, key
-
-    def _backup(self) -> None:
-        if self.db.exists():
-            self.storage.write_bytes(self.key, snapshot(self.db))
-
-    def get_state(self) -> None:
-        # Tune asks for this right after it saved the searcher's state and before it uploads both: a copy taken here
-        # holds every Optuna trial that saved state names (a trial is created when suggested, which can be long
-        # before it starts; a restored searcher reporting for a trial the copy lacks fails with "Record does not
-        # exist"). Nothing of its own to save.
-        self._backup()
-        return None
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._backup()  # a finished trial is kept at once, not at the next periodic save
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._backup()
 
 
 def optuna_searcher(search: DatasetSearch):
@@ -175,6 +136,8 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
     )
     local_study(search)
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        verify_ray_state(search.storage, search.rel, search.record.state_key(search.dataset),  # checked in plan
+                         trust=search.cfg["trust_ray_state"])  # too; again here, just before Ray reads them
         print(f"[search] {search.dataset}: resuming {search.storage.join(search.rel)}", flush=True)
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
@@ -190,20 +153,21 @@ def new_tuner(search: DatasetSearch, trainable, path: str, fs) -> tune.Tuner:
     s, t = search.cfg["search"], search.cfg["train"]
     scheduler = None
     if s["scheduler"] == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=t["epochs"] // t["val_every"] or 1,
-                                  grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
+        # Time is the epoch the run reports, not Tune's iteration count, which starts again at 1 when a trial is
+        # restored (its Train run resumes at a later epoch).
+        scheduler = ResumableASHA(time_attr="epoch", max_t=t["epochs"], grace_period=s["grace_period"],
+                                  reduction_factor=s["reduction_factor"])
+    searcher = optuna_searcher(search)
+    state = SearchState(search.storage, search.rel, search.record.study_key(search.dataset),
+                        search.record.state_key(search.dataset),
+                        None if s["optuna_storage"] else search.optuna_db(), scheduler, searcher.searcher)
     return tune.Tuner(
         trainable,
         param_space=tune_space(search.params),
-        tune_config=tune.TuneConfig(metric=s["metric"], mode=s["mode"], search_alg=optuna_searcher(search),
-                                    scheduler=scheduler, num_samples=s["num_samples"],
-                                    time_budget_s=s["time_budget_s"]),
+        tune_config=tune.TuneConfig(metric=s["metric"], mode=s["mode"], search_alg=searcher, scheduler=scheduler,
+                                    num_samples=s["num_samples"], time_budget_s=s["time_budget_s"]),
         run_config=tune.RunConfig(name=search.dataset, storage_path=path, storage_filesystem=fs,
-                                  progress_reporter=progress_reporter(search), verbose=1,
-                                  callbacks=[] if s["optuna_storage"] else [
-                                      StudyBackup(search.optuna_db(), search.storage,
-                                                  search.record.study_key(search.dataset))],
+                                  progress_reporter=progress_reporter(search), verbose=1, callbacks=[state],
                                   # Ray Train already retries a trial's workers (scaling.max_failures); this only
                                   # restarts a trial whose driver actor was lost, so the two do not multiply.
                                   failure_config=tune.FailureConfig(max_failures=s["trial_max_failures"])),

@@ -43,6 +43,8 @@ def check_search(cfg: dict, known: list[str] | None = None) -> None:
             raise SearchError(f"roots.{name}={root!r}: {name!r} is not searched; expected one of datasets="
                               f"[{', '.join(datasets)}]")
     check_name("experiment", cfg["experiment"])
+    if not isinstance(cfg["trust_ray_state"], bool):
+        raise SearchError(f"trust_ray_state={cfg['trust_ray_state']!r}: expected true or false")
 
 
 def check_knobs(s: dict) -> None:
@@ -84,6 +86,7 @@ def plan(cfg: dict, overrides: list[str]):
     from hydra import compose
 
     from diffmic.errors import DiffmicError
+    from tune.resume import verify_ray_state
     from tune.space import SearchError
     from tune.storage import open_storage
 
@@ -108,6 +111,8 @@ def plan(cfg: dict, overrides: list[str]):
             except TypeError:  # an exception type that takes more than a message
                 error = SearchError(message)
             raise error from None
+    for s in searches:  # an experiment resumed: Ray's state files are checked before Ray could unpickle them
+        verify_ray_state(storage, s.rel, s.record.state_key(s.dataset), trust=cfg["trust_ray_state"])
     return storage, searches
 
 
@@ -142,7 +147,8 @@ def search(cfg: dict, overrides: list[str]) -> None:
     from tune.distributed import init_ray
     from tune.record import Record, best_entry, best_trial, describe
     from tune.results import test_best, trial_frames
-    from tune.runner import run_search, snapshot
+    from tune.resume import snapshot
+    from tune.runner import run_search
 
     storage, searches = plan(cfg, overrides)
     record = Record(storage, cfg["experiment"])

@@ -32,11 +32,21 @@ class ResumableOptunaSearch(OptunaSearch):
     that had ended as still running, and that trial reports its last epoch again. Optuna refuses to update a finished
     trial; the study keeps the result it holds and the search goes on."""
 
+    staging_dir: str | None = None  # where Tune last saved its state on this driver (tune/resume.py signs it there)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if result.get("final"):  # the test report after training is no epoch of the learning curve
+            return
+        # Optuna's step is the epoch: Tune's iteration count starts again at 1 when a trial is restored.
         try:
-            super().on_trial_result(trial_id, result)
+            super().on_trial_result(trial_id, {**result, "training_iteration": result.get("epoch")
+                                               or result["training_iteration"]})
         except UpdateFinishedTrialError:
             logger.info("trial %s already finished in the study; its repeated result is not reported again", trial_id)
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        self.staging_dir = checkpoint_dir
+        super().save_to_dir(checkpoint_dir, session_str)
 
 
 class DistinctSampler(BaseSampler):

@@ -1,0 +1,169 @@
+"""What a search needs to continue on a new head node, kept in the experiment record each time Tune saves its own
+state: a copy of the Optuna study, ASHA's rungs, and a keyed digest of every file of Ray's state that a restore
+unpickles.
+
+The trust boundary: `Tuner.restore` unpickles `tuner.pkl` and the controller's, searcher's and callbacks' state from
+the experiment directory, so whoever can write to the results bucket could run code on the driver, which holds the
+credentials. Each such file is restored only when its HMAC, keyed with a secret that is not in the bucket, is one this
+project recorded when Ray wrote it (`verify_ray_state`, before `Tuner.restore`). The key: $DIFFMIC_SIGNING_KEY, else
+one derived from $AWS_SECRET_ACCESS_KEY (every node of an S3 cluster has it), else a key file made on first use
+(~/.config/diffmic/signing.key: local storage lives on this machine anyway).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from tune.space import SearchError
+from tune.storage import Storage
+
+KEY_ENV = "DIFFMIC_SIGNING_KEY"
+KEY_FILE = Path("~/.config/diffmic/signing.key")
+KEPT_DIGESTS = 50  # per file name: Ray uploads its state asynchronously, so the stored copy may be a few saves old
+
+
+def is_ray_state(name: str) -> bool:
+    """The files at the root of a Tune experiment that a restore reads and unpickles (`tuner.pkl`; the controller's
+    `experiment_state-*.json` holds pickled trials; searcher, search generator and callback states)."""
+    return "/" not in name and name.endswith((".pkl", ".json"))
+
+
+def signing_key() -> tuple[bytes, str]:
+    """(key, where it comes from); the key itself is never written anywhere but the key file."""
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV].encode(), f"${KEY_ENV}"
+    if os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+        return hmac.new(secret, b"diffmic: Ray state of a search", hashlib.sha256).digest(), "$AWS_SECRET_ACCESS_KEY"
+    path = KEY_FILE.expanduser()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+    return path.read_bytes(), str(KEY_FILE)
+
+
+def digest(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def read_state(storage: Storage, key: str) -> dict:
+    if not storage.exists(key):
+        return {}
+    try:
+        state = json.loads(storage.read_text(key))
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def verify_ray_state(storage: Storage, exp_rel: str, state_key: str, trust: bool) -> None:
+    """Before `Tuner.restore` (and before Ray starts): every file of Ray's state under `exp_rel` must carry a digest
+    this project recorded. One line naming the first that does not, unless the user trusts the stored state."""
+    if trust or not storage.exists(f"{exp_rel}/tuner.pkl"):
+        return
+    state = read_state(storage, state_key)
+    signed = state.get("signed") if isinstance(state.get("signed"), dict) else {}
+    key, source = signing_key()
+    for rel in storage.list(exp_rel):
+        name = rel[len(exp_rel) + 1:]
+        if not is_ray_state(name):
+            continue
+        known = signed.get(name) if isinstance(signed.get(name), list) else []
+        if digest(key, storage.read_bytes(rel)) in known:
+            continue
+        if not known:
+            why = "no signature was recorded for it"
+        elif state.get("key_source") != source:
+            why = f"it was signed with the key from {state.get('key_source')}, this node has the key from {source}"
+        else:
+            why = "it changed after the search wrote it, or the key changed"
+        raise SearchError(f"refusing to resume {storage.join(exp_rel)}: {name} is not as this project's search "
+                          f"wrote it ({why}), and Ray would unpickle it. Resume only results you wrote: give the "
+                          f"search the key it ran with (${KEY_ENV}), pass trust_ray_state=true if you wrote these "
+                          f"files yourself, or start a new experiment name")
+
+
+def snapshot(db: Path) -> bytes:
+    """A consistent copy of a SQLite file that Optuna may be writing (SQLite's backup API, not a byte copy)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "study.db"
+        with contextlib.closing(sqlite3.connect(db)) as source, contextlib.closing(sqlite3.connect(copy)) as target:
+            source.backup(target)
+        return copy.read_bytes()
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs (each trial's metric at each milestone) can be saved and put back: Tune rebuilds the scheduler
+    as it was created, empty, so after a restore every trial would pass every rung again."""
+
+    def rungs(self) -> list[list[dict[str, float]]]:
+        return [[dict(recorded) for _, recorded in bracket._rungs] for bracket in self._brackets]
+
+    def restore_rungs(self, rungs: list) -> None:
+        for bracket, saved in zip(self._brackets, rungs):
+            for (_, recorded), values in zip(bracket._rungs, saved):
+                recorded.update({str(t): float(v) for t, v in dict(values).items()})
+
+
+class SearchState(tune.Callback):
+    """Keeps the search's state in the record (tune/record.py: `study_key`, `state_key`). Tune calls `get_state`
+    right after writing its controller and searcher state to the driver's staging directory and before uploading it:
+    what is copied and signed here is what the upload holds. It keeps only paths and references (Ray pickles it into
+    `tuner.pkl` with the scheduler and searcher it refers to)."""
+
+    def __init__(self, storage: Storage, exp_rel: str, study_key: str, state_key: str, db: Path | None,
+                 scheduler: ResumableASHA | None, searcher) -> None:
+        self.storage, self.exp_rel, self.study_key, self.state_key = storage, exp_rel, study_key, state_key
+        self.db, self.scheduler, self.searcher = db, scheduler, searcher
+
+    def setup(self, **info) -> None:
+        state = read_state(self.storage, self.state_key)
+        if self.scheduler is not None and isinstance(state.get("asha"), list):
+            self.scheduler.restore_rungs(state["asha"])
+        # tuner.pkl is written by the Tuner straight to storage, seconds before this (or checked before a restore)
+        tuner = f"{self.exp_rel}/tuner.pkl"
+        if self.storage.exists(tuner):
+            self._save({"tuner.pkl": self.storage.read_bytes(tuner)})
+
+    def get_state(self) -> None:
+        staging = getattr(self.searcher, "staging_dir", None)
+        files = {}
+        if staging is not None:
+            files = {p.name: p.read_bytes() for p in Path(staging).iterdir() if p.is_file() and is_ray_state(p.name)}
+        self._save(files)
+        return None  # nothing for Tune to pickle: a callback state file would be one more file to sign
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._backup_study()  # a finished trial is kept at once, not at the next periodic save
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._backup_study()
+
+    def _backup_study(self) -> None:
+        if self.db is not None and self.db.exists():
+            self.storage.write_bytes(self.study_key, snapshot(self.db))
+
+    def _save(self, files: dict[str, bytes]) -> None:
+        # The study first: the searcher state just written names every Optuna trial it knows, which the copy must hold
+        # (a restored searcher reporting for a trial the copy lacks fails with "Record does not exist").
+        self._backup_study()
+        state = read_state(self.storage, self.state_key)
+        key, source = signing_key()
+        signed = {n: list(d) for n, d in (state.get("signed") or {}).items() if isinstance(d, list)}
+        for name, data in files.items():
+            kept = [d for d in signed.get(name, []) if d != digest(key, data)]
+            signed[name] = (kept + [digest(key, data)])[-KEPT_DIGESTS:]
+        out = {"format": 1, "key_source": source, "signed": signed,
+               "asha": self.scheduler.rungs() if self.scheduler is not None else None}
+        self.storage.write_text(self.state_key, json.dumps(out))
