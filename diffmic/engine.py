@@ -224,11 +224,14 @@ def _resume_from(session: Session) -> tuple[Path | None, dict | None]:
     candidates, error = session.latest_checkpoints(), None
     for candidate in candidates:
         try:
-            return candidate, load_state(candidate)
+            state = load_state(candidate)
         except CheckpointError as e:
             error = e
             if candidate != candidates[-1]:
                 session.log(f"warning: {e}; resuming from the checkpoint before it")
+            continue
+        session.resumed_from(candidate)
+        return candidate, state
     if error is not None:
         raise error
     return None, None

@@ -68,6 +68,9 @@ class Session:
         """Checkpoints to resume from, newest first (the engine takes the first that loads)."""
         return []
 
+    def resumed_from(self, checkpoint: Path) -> None:
+        """Called with the checkpoint the engine resumed from (the first of latest_checkpoints that loaded)."""
+
     def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
         """Called once on every rank after the final evaluation."""
 

@@ -396,6 +396,37 @@ def test_kill_and_resume_from_an_s3_checkpoint(s3_server, s3_bucket, tmp_path):
     assert max(ckpts) > latest and state["epoch"] == 3 and state["history"] == history
 
 
+@pytest.mark.timeout(1200)
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_damaged_latest_s3_checkpoint_falls_back_to_the_one_before(s3_server, s3_bucket, tmp_path):
+    """The latest checkpoint in S3 cut short (an upload that died): resume warns once and continues from the
+    checkpoint before it, never crashes nor starts again from scratch."""
+    cfg_args = [*TINY, "train.epochs=2", "scaling.num_workers=1", *S3, f"storage.uri=s3://{s3_bucket}/dc",
+                "experiment=dc"]
+    prefix, client = "dc/dc", s3_server.client()
+    first = train(tmp_path, "first", cfg_args)
+    assert first.rc == 0, first.tail()
+    ckpts = checkpoints(objects(s3_server, s3_bucket), prefix)
+    assert len(ckpts) >= 2, ckpts
+    latest, before = sorted(ckpts)[-1], sorted(ckpts)[-2]
+    kept = load_state(s3_server, s3_bucket, f"{prefix}/{before}/state.pt", tmp_path)
+    key = f"{prefix}/{latest}/state.pt"
+    body = client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=s3_bucket, Key=key, Body=body[: len(body) // 2])
+
+    resumed = train(tmp_path, "resumed", [*cfg_args, "resume=true"])
+    assert resumed.rc == 0, resumed.tail()
+    # (Ray echoes a worker's lines on the driver's stdout and stderr alike: one warning is one distinct line)
+    warnings = {line for line in resumed.text.splitlines() if "resuming from the checkpoint before it" in line}
+    assert len(warnings) == 1 and f"{latest}/state.pt" in warnings.pop(), resumed.tail()
+    assert f"at epoch {kept['epoch']}" in resumed.text and "at epoch 0" not in resumed.text, resumed.tail()
+    newest = max(checkpoints(objects(s3_server, s3_bucket), prefix))
+    assert newest > latest  # a new final checkpoint, whose training state is the one resumed from, intact
+    state = load_state(s3_server, s3_bucket, f"{prefix}/{newest}/state.pt", tmp_path)
+    assert state["epoch"] == 2 and state["history"][: kept["epoch"]] == kept["history"]
+
+
 # ------------------------------------------------------------------------------ 4. two raylets
 @pytest.mark.timeout(1200)
 @pytest.mark.integration

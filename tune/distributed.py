@@ -103,12 +103,17 @@ class RaySession(Session):
         self._state_dir = directory
 
     def latest_checkpoints(self) -> list[Path]:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """The run's latest checkpoint and the one before it in storage: a damaged latest one (an upload cut short)
+        is passed over with a warning (engine._resume_from)."""
+        latest = ray.train.get_checkpoint()
+        if latest is None:
             return []
-        directory = Path(checkpoint.to_directory(str(self._scratch / "restored")))
-        self._keep_state(directory)
-        return [directory]
+        found = [latest, *earlier_checkpoints(latest)[:1]]
+        # each under its own name, which the engine's warnings then show (checkpoint_<time>, as in storage)
+        return [Path(c.to_directory(str(self._scratch / "restored" / Path(c.path).name))) for c in found]
+
+    def resumed_from(self, checkpoint: Path) -> None:
+        self._keep_state(checkpoint)  # the state the final checkpoint carries over (_report_final)
 
     def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
         """With `train.test_at_end`, a final report whose checkpoint is the model bundle and its test metrics."""
@@ -131,6 +136,18 @@ class RaySession(Session):
         row = to_jsonable({"epoch": result.best_epoch, "final": 1, **prefixed("val", result.val),
                            **prefixed("test", result.test)})
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
+def earlier_checkpoints(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's other checkpoints older than `latest`, newest first: Ray names them checkpoint_<time>, side by side
+    in the run's directory."""
+    import pyarrow.fs
+
+    parent, name = latest.path.rstrip("/").rsplit("/", 1)
+    infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, recursive=False))
+    older = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem) for n in older]
 
 
 def train_loop_per_worker(cfg: dict) -> None:
