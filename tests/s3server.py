@@ -144,9 +144,11 @@ class S3Server:
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
 
-    def restart(self, timeout: float = 15.0) -> None:
-        """Stop and start again on the same ports and data directory (the data must survive)."""
+    def restart(self, timeout: float = 15.0, down_s: float = 0.0) -> None:
+        """Stop and start again on the same ports and data directory (the data must survive), after `down_s` seconds
+        of outage."""
         self.stop()
+        time.sleep(down_s)
         self._start(timeout)
 
 

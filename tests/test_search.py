@@ -578,6 +578,58 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_pa
     assert not history.duplicated(["trial_id", "epoch"]).any()
 
 
+def _checkpoint_time(name: str) -> float:
+    """checkpoint_2026-12-03_11-08-58.227135 (Ray names a checkpoint by its local creation time) -> epoch seconds."""
+    import datetime
+    return datetime.datetime.strptime(name.removeprefix("checkpoint_"), "%Y-%m-%d_%H-%M-%S.%f").timestamp()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_search_rides_out_an_s3_restart(s3_server, s3_bucket, ray_tmp):
+    """The S3 server stops for 20 s while a trial trains and writes checkpoints, then starts again on the same data:
+    no trial is lost, every reported epoch has its checkpoint, the search ends successfully."""
+    epochs = 4
+    args = ["experiment=out", "search.num_samples=2", "search.scheduler=none", "storage=s3",
+            f"storage.uri=s3://{s3_bucket}/r", "export=false",
+            *tiny(f"train.epochs={epochs}", "dataset.num_train=480", "train.num_to_keep=null")]
+    client, prefix = s3_server.client(), "r/out/synthetic/checkpoints/"
+
+    def checkpoints() -> dict[str, set[str]]:  # trial -> its checkpoint directories holding a state.pt
+        found: dict[str, set[str]] = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                parts = o["Key"][len(prefix):].split("/")  # <trial>/<checkpoint>/state.pt; the trial's run files
+                if len(parts) == 3 and parts[2] == "state.pt":
+                    found.setdefault(parts[0], set()).add(parts[1])
+        return found
+
+    search = Proc([*SEARCH, *args], ray_tmp / "outage.log", _env(ray_tmp))
+    deadline = time.monotonic() + 600
+    while not checkpoints():
+        assert search.proc.poll() is None, search.result(search.proc.returncode).tail()
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.5)
+    down, up = time.time(), None
+    s3_server.restart(down_s=20)
+    up = time.time()
+    assert search.proc.poll() is None, "the search ended during the outage"
+    run = search.wait(900)
+    _ok(run)
+
+    summary = _csv(io.BytesIO(client.get_object(Bucket=s3_bucket, Key="r/out/summary.csv")["Body"].read()))
+    history = _csv(io.BytesIO(client.get_object(Bucket=s3_bucket, Key="r/out/history.csv")["Body"].read()))
+    assert len(summary) == 2 and set(summary["status"]) == {"COMPLETED"}, summary
+    found = checkpoints()
+    assert set(found) == set(summary["trial_id"])
+    for trial in summary["trial_id"]:
+        reported = sorted(history.loc[history["trial_id"] == trial, "epoch"])
+        assert reported == list(range(1, epochs + 1)), (trial, reported)
+        assert len(found[trial]) == epochs, (trial, sorted(found[trial]))  # one checkpoint per reported epoch
+    made = sorted(_checkpoint_time(c) for cs in found.values() for c in cs)
+    assert made[0] < down and made[-1] > up  # the outage fell within the search, checkpoints on both sides
+
+
 class _Payload:
     """What a writer of the results bucket could put in tuner.pkl: unpickling it runs a command."""
 

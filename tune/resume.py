@@ -129,6 +129,8 @@ class SearchState(tune.Callback):
 
     def setup(self, **info) -> None:
         state = read_state(self.storage, self.state_key)
+        signed = state.get("signed") if isinstance(state.get("signed"), dict) else {}
+        self._signed = {n: [d for d in ds if isinstance(d, str)] for n, ds in signed.items() if isinstance(ds, list)}
         if self.scheduler is not None and isinstance(state.get("asha"), list):
             self.scheduler.restore_rungs(state["asha"])
         # tuner.pkl is written by the Tuner straight to storage, seconds before this (or checked before a restore)
@@ -145,25 +147,38 @@ class SearchState(tune.Callback):
         return None  # nothing for Tune to pickle: a callback state file would be one more file to sign
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._backup_study()  # a finished trial is kept at once, not at the next periodic save
+        self._guarded(self._backup_study)  # a finished trial is kept at once, not at the next periodic save
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._backup_study()
+        self._guarded(self._backup_study)
 
     def _backup_study(self) -> None:
         if self.db is not None and self.db.exists():
             self.storage.write_bytes(self.study_key, snapshot(self.db))
 
     def _save(self, files: dict[str, bytes]) -> None:
-        # The study first: the searcher state just written names every Optuna trial it knows, which the copy must hold
-        # (a restored searcher reporting for a trial the copy lacks fails with "Record does not exist").
-        self._backup_study()
-        state = read_state(self.storage, self.state_key)
         key, source = signing_key()
-        signed = {n: list(d) for n, d in (state.get("signed") or {}).items() if isinstance(d, list)}
-        for name, data in files.items():
-            kept = [d for d in signed.get(name, []) if d != digest(key, data)]
-            signed[name] = (kept + [digest(key, data)])[-KEPT_DIGESTS:]
-        out = {"format": 1, "key_source": source, "signed": signed,
-               "asha": self.scheduler.rungs() if self.scheduler is not None else None}
-        self.storage.write_text(self.state_key, json.dumps(out))
+        signed = getattr(self, "_signed", None)
+        if signed is None:  # get_state before setup (not seen, but then nothing stored is lost either)
+            signed = self._signed = {}
+        for name, data in files.items():  # kept here too: a digest that could not be written goes with the next save
+            d = digest(key, data)
+            signed[name] = ([x for x in signed.get(name, []) if x != d] + [d])[-KEPT_DIGESTS:]
+
+        def write() -> None:
+            # The study first: the searcher state just written names every Optuna trial it knows, which the copy
+            # must hold (a restored searcher reporting for a trial the copy lacks fails with "Record does not exist").
+            self._backup_study()
+            out = {"format": 1, "key_source": source, "signed": signed,
+                   "asha": self.scheduler.rungs() if self.scheduler is not None else None}
+            self.storage.write_text(self.state_key, json.dumps(out))
+        self._guarded(write)
+
+    def _guarded(self, write) -> None:
+        """Storage that does not answer (an S3 outage outlasting the client's retries) costs a warning, not the
+        search: Tune saves again within seconds, and this copy with it."""
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 - any transport error; the next save retries
+            print(f"[search] warning: could not save the search's state to {self.storage.join(self.state_key)} "
+                  f"({type(e).__name__}); retried at the next save", flush=True)

@@ -36,6 +36,10 @@ _DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbi
 _EXPECTED = "expected s3://bucket/prefix with a bucket name of 3-63 lowercase letters, digits, '.', '-'"
 LIST_PAGE_SIZE = 1000  # S3's maximum page; tests lower it to exercise pagination
 WORKERS = 8  # parallel transfers
+# Attempts per request before an S3 error is raised. pyarrow's default strategy waits 25 ms x 2^n between attempts:
+# 12 attempts ride out about 100 s of outage (a restarted S3 server, a network blip) at the cost of time, not a trial
+# or a checkpoint. boto3's standard mode waits at random up to 2^n s (at most 20 s): about a minute on average.
+OUTAGE_ATTEMPTS = 12
 
 
 # ---------------------------------------------------------------- environment, clients, keys
@@ -68,7 +72,8 @@ def _client(preflight: bool = False) -> Any:
         if key not in _clients:
             cfg = (Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 2, "mode": "standard"})
                    if preflight else
-                   Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=2 * WORKERS))
+                   Config(retries={"max_attempts": OUTAGE_ATTEMPTS, "mode": "standard"},
+                          max_pool_connections=2 * WORKERS))
             _clients[key] = boto3.session.Session().client("s3", endpoint_url=_endpoint()[0], region_name=_region(),
                                                            config=cfg)
         return _clients[key]
@@ -127,6 +132,7 @@ class S3Storage(Storage):
 
         endpoint = _endpoint()[0]
         return pafs.S3FileSystem(region=_region(), connect_timeout=5,
+                                 retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=OUTAGE_ATTEMPTS),
                                  **({"endpoint_override": endpoint} if endpoint else {}))
 
     def bucket_key(self, rel: str = "") -> tuple[str, str]:
