@@ -371,6 +371,41 @@ def test_a_result_for_a_trial_the_study_already_finished_is_not_fatal(tmp_path):
     assert trial.intermediate_values == {1: 0.4, 2: 0.5}  # steps are epochs
 
 
+def test_a_restored_searcher_uses_this_nodes_copy_of_the_study(tmp_path, monkeypatch):
+    """The searcher's saved state names the study's SQLite file by the path it had on the lost head; a new head with
+    another cache directory must continue in its own copy (else the results' study copy misses every later trial)."""
+    import optuna
+    from ray import tune
+    from optuna.trial import TrialState
+
+    from tune.resume import study_path
+    from tune.searcher import ResumableOptunaSearch
+
+    def searcher():
+        return ResumableOptunaSearch(space={"a": tune.choice([1, 2])}, metric="m", mode="max", study_name="s",
+                                     storage=optuna.storages.RDBStorage(f"sqlite:///{study_path('x/s.db')}"),
+                                     local_study="x/s.db")
+
+    monkeypatch.setenv("DIFFMIC_CACHE", str(tmp_path / "head-a"))
+    study_path("x/s.db").parent.mkdir(parents=True)
+    first = searcher()
+    first.suggest("t0")
+    first.save(str(tmp_path / "searcher.pkl"))
+    copy = study_path("x/s.db").read_bytes()  # what the record holds
+
+    monkeypatch.setenv("DIFFMIC_CACHE", str(tmp_path / "head-b"))
+    study_path("x/s.db").parent.mkdir(parents=True)
+    study_path("x/s.db").write_bytes(copy)
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("t0", {"m": 0.5, "epoch": 1, "training_iteration": 1})
+    restored.on_trial_complete("t0", {"m": 0.5, "epoch": 1})
+    here = optuna.load_study(study_name="s", storage=f"sqlite:///{study_path('x/s.db')}").get_trials()
+    there = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'head-a' / 'optuna' / 'x/s.db'}")
+    assert [t.state for t in here] == [TrialState.COMPLETE] and here[0].intermediate_values == {1: 0.5}
+    assert [t.state for t in there.get_trials()] == [TrialState.RUNNING]  # the lost head's file is left alone
+
+
 def test_the_study_copy_holds_every_trial_the_saved_searcher_names(search_cfg, tmp_path, monkeypatch):
     """A trial is created in the study when Tune asks for it, which can be long before it starts. Tune saves the
     searcher's state, then asks each callback for its own: the study copy taken then must hold that trial, or a new
@@ -393,7 +428,7 @@ def test_the_study_copy_holds_every_trial_the_saved_searcher_names(search_cfg, t
 
     searcher.searcher.save_to_dir(str(tmp_path))  # what Tune does first; then it asks each callback for its state
     SearchState(storage, search.rel, search.record.study_key("synthetic"), search.record.state_key("synthetic"),
-                search.optuna_db(), None, searcher.searcher).get_state()
+                search.study_rel, None, searcher.searcher).get_state()
     copy = tmp_path / "results" / search.record.study_key("synthetic")
     with closing(sqlite3.connect(copy)) as db:
         assert db.execute("select count(*) from trials").fetchone()[0] == 1
@@ -438,14 +473,10 @@ def test_bad_input_fails_before_ray(case, ray_tmp, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- integration
-@pytest.fixture
-def ray_head(ray_tmp):
-    """A real Ray head on loopback (as a user starts one), its jobs API at RAY_ADDRESS, token auth on."""
+def _start_head(ray_tmp: Path, env: dict[str, str]) -> tuple[dict[str, str], int]:
+    """`ray start --head` on loopback (as a user starts one) with token auth: (the jobs API's address, its pid)."""
     ports = {"--port": _free_port(), "--dashboard-port": _free_port(), "--ray-client-server-port": _free_port(),
              "--dashboard-agent-listen-port": _free_port()}
-    env = _env(ray_tmp)
-    for var in ("RAY_TMPDIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
-        env.pop(var, None)  # the job's runtime env brings the S3 settings, as for a cluster started elsewhere
     cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1",
            "--node-ip-address=127.0.0.1", f"--temp-dir={ray_tmp}", *(f"{k}={v}" for k, v in ports.items())]
     start = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -455,12 +486,32 @@ def ray_head(ray_tmp):
     except subprocess.TimeoutExpired:
         start.kill()
         out = b"(timed out)"
-    try:
-        if start.returncode != 0:
-            pytest.fail(f"ray start failed:\n{out.decode(errors='replace')[-3000:]}")
-        yield {"RAY_ADDRESS": f"http://127.0.0.1:{ports['--dashboard-port']}", "RAY_AUTH_MODE": "token"}
-    finally:
+    if start.returncode != 0:
         _stop(ray_tmp, (start.pid,))
+        pytest.fail(f"ray start failed:\n{out.decode(errors='replace')[-3000:]}")
+    return {"RAY_ADDRESS": f"http://127.0.0.1:{ports['--dashboard-port']}", "RAY_AUTH_MODE": "token"}, start.pid
+
+
+def _submit(cmd: list[str], log_dir: Path, env: dict[str, str], timeout: float = 1200) -> Run:
+    for attempt in range(6):  # a just-started head refuses jobs until its dashboard agent has registered
+        run = Proc(cmd, log_dir / f"submit{attempt}.log", env).wait(timeout)
+        if run.rc == 0 or "No available agent to submit job" not in run.out:
+            return run
+        time.sleep(5)
+    return run
+
+
+@pytest.fixture
+def ray_head(ray_tmp):
+    """A real Ray head on loopback, its jobs API at RAY_ADDRESS, token auth on."""
+    env = _env(ray_tmp)
+    for var in ("RAY_TMPDIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        env.pop(var, None)  # the job's runtime env brings the S3 settings, as for a cluster started elsewhere
+    address, pid = _start_head(ray_tmp, env)
+    try:
+        yield address
+    finally:
+        _stop(ray_tmp, (pid,))
 
 
 @pytest.mark.integration
@@ -475,11 +526,7 @@ def test_job_submit_search_into_s3(s3_server, s3_bucket, ray_head, ray_tmp):
     env = _env(ray_tmp, **ray_head)
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):  # the job gets them from its env
         env.pop(k, None)
-    for attempt in range(6):  # a just-started head refuses jobs until its dashboard agent has registered
-        run = Proc(cmd, ray_tmp / f"submit{attempt}.log", env).wait(1200)
-        if run.rc == 0 or "No available agent to submit job" not in run.out:
-            break
-        time.sleep(5)
+    run = _submit(cmd, ray_tmp, env)
     assert run.rc == 0, f"ray job submit failed:\n{run.tail()}"
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in run.out
 
@@ -578,6 +625,71 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_pa
     assert not history.duplicated(["trial_id", "epoch"]).any()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_search_survives_the_loss_of_its_head(s3_server, s3_bucket, tmp_path):
+    """A search submitted as a job to a real Ray head, results in the real S3 server. Once a trial has finished, every
+    process of the head (driver included) is killed with SIGKILL; the same command goes to a new head whose driver
+    has an empty cache (and whose key is the one both heads derive from their S3 credentials). The job succeeds,
+    every trial is in the summary with distinct configurations, no (trial, epoch) is in the history twice, and the
+    study in storage holds every trial."""
+    trials = 4
+    cmd = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--runtime-env-json",
+           json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--", "python", "tune/search.py",
+           "experiment=hl", f"search.num_samples={trials}", "storage=s3", f"storage.uri=s3://{s3_bucket}/exp",
+           *tiny("train.epochs=3")]
+    client, study_key = s3_server.client(), "exp/hl/optuna/synthetic.db"
+    heads = [Path(tempfile.mkdtemp(prefix="rh", dir="/tmp")) for _ in range(2)]
+
+    def node_env(ray_tmp: Path) -> dict[str, str]:
+        env = _env(ray_tmp)  # the node's environment holds the S3 credentials, as on a cluster's nodes
+        for var in ("RAY_TMPDIR", "DIFFMIC_SIGNING_KEY"):
+            env.pop(var, None)
+        return env
+
+    def stored_study(state: str | None = None) -> int:
+        try:
+            body = client.get_object(Bucket=s3_bucket, Key=study_key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return 0
+        db = tmp_path / "study.db"
+        db.write_bytes(body)
+        return _study_trials(db, state)
+
+    try:
+        address, pid = _start_head(heads[0], node_env(heads[0]))
+        first = Proc(cmd, heads[0] / "submit.log", {**node_env(heads[0]), **address})
+        deadline = time.monotonic() + 900
+        while stored_study("COMPLETE") < 1:
+            assert first.proc.poll() is None, f"the job ended before the head was killed:\n{first.result(0).tail()}"
+            assert time.monotonic() < deadline, "no trial finished within 900 s"
+            time.sleep(1)
+        _stop(heads[0], (pid, first.proc.pid))  # SIGKILL: head processes, driver, workers, the submitting client
+        assert not _pids_of(heads[0])
+        assert stored_study("COMPLETE") < trials, "every trial had finished before the head was killed"
+
+        address, pid = _start_head(heads[1], node_env(heads[1]))
+        assert not (heads[1] / "cache").exists()
+        run = _submit(cmd, heads[1], {**node_env(heads[1]), **address})
+        assert run.rc == 0, f"the job on the new head failed:\n{run.tail(80)}"
+        assert "resuming s3://" in run.out and os.environ["AWS_SECRET_ACCESS_KEY"] not in run.out
+    finally:
+        for head in heads:
+            _stop(head)
+            shutil.rmtree(head, ignore_errors=True)
+
+    def read(key: str):
+        return _csv(io.BytesIO(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()))
+
+    summary, history = read("exp/hl/summary.csv"), read("exp/hl/history.csv")
+    assert len(summary) == trials and summary["trial_id"].nunique() == trials, summary
+    configurations = {tuple(row) for row in summary[SEARCHED_KEYS].astype(str).itertuples(index=False)}
+    assert len(configurations) == trials, summary[SEARCHED_KEYS]
+    assert not history.duplicated(["trial_id", "epoch"]).any(), history[["trial_id", "epoch"]]
+    assert set(history["trial_id"]) == set(summary["trial_id"])
+    assert stored_study() == stored_study("COMPLETE") + stored_study("PRUNED") == trials
+
+
 def _checkpoint_time(name: str) -> float:
     """checkpoint_2026-12-03_11-08-58.227135 (Ray names a checkpoint by its local creation time) -> epoch seconds."""
     import datetime
@@ -663,8 +775,12 @@ def test_resuming_refuses_ray_state_the_search_did_not_write(ray_tmp, tmp_path):
     assert not marker.exists()
 
 
-def _study_trials(db: Path, state: str) -> int:
-    with sqlite3.connect(db) as con:
+def _study_trials(db: Path, state: str | None) -> int:
+    """Trials of the study in a SQLite file, those in `state` (all with None)."""
+    from contextlib import closing
+    with closing(sqlite3.connect(db)) as con:
+        if state is None:
+            return con.execute("select count(*) from trials").fetchone()[0]
         return con.execute("select count(*) from trials where state = ?", (state,)).fetchone()[0]
 
 

@@ -23,12 +23,19 @@ from pathlib import Path
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from diffmic.remote import cache_dir
 from tune.space import SearchError
 from tune.storage import Storage
 
 KEY_ENV = "DIFFMIC_SIGNING_KEY"
 KEY_FILE = Path("~/.config/diffmic/signing.key")
 KEPT_DIGESTS = 50  # per file name: Ray uploads its state asynchronously, so the stored copy may be a few saves old
+
+
+def study_path(rel: str) -> Path:
+    """A study's SQLite file on this node. Only `rel` is kept in what Ray pickles: a new head may have another cache
+    directory ($DIFFMIC_CACHE), and its driver must use its own copy of the study, not a path of the lost head."""
+    return cache_dir("optuna") / rel
 
 
 def is_ray_state(name: str) -> bool:
@@ -122,10 +129,10 @@ class SearchState(tune.Callback):
     what is copied and signed here is what the upload holds. It keeps only paths and references (Ray pickles it into
     `tuner.pkl` with the scheduler and searcher it refers to)."""
 
-    def __init__(self, storage: Storage, exp_rel: str, study_key: str, state_key: str, db: Path | None,
+    def __init__(self, storage: Storage, exp_rel: str, study_key: str, state_key: str, study_rel: str | None,
                  scheduler: ResumableASHA | None, searcher) -> None:
         self.storage, self.exp_rel, self.study_key, self.state_key = storage, exp_rel, study_key, state_key
-        self.db, self.scheduler, self.searcher = db, scheduler, searcher
+        self.study_rel, self.scheduler, self.searcher = study_rel, scheduler, searcher
 
     def setup(self, **info) -> None:
         state = read_state(self.storage, self.state_key)
@@ -153,8 +160,9 @@ class SearchState(tune.Callback):
         self._guarded(self._backup_study)
 
     def _backup_study(self) -> None:
-        if self.db is not None and self.db.exists():
-            self.storage.write_bytes(self.study_key, snapshot(self.db))
+        db = study_path(self.study_rel) if self.study_rel else None
+        if db is not None and db.exists():
+            self.storage.write_bytes(self.study_key, snapshot(db))
 
     def _save(self, files: dict[str, bytes]) -> None:
         key, source = signing_key()

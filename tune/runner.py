@@ -10,11 +10,10 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from diffmic.config import with_values
-from diffmic.remote import cache_dir
 from diffmic.secrets import redact_config
 from tune.distributed import build_trainer, sweep_orphaned_scratch
 from tune.record import Record
-from tune.resume import ResumableASHA, SearchState, verify_ray_state
+from tune.resume import ResumableASHA, SearchState, study_path, verify_ray_state
 from tune.space import Param, tune_space
 from tune.storage import Storage, open_storage
 
@@ -44,9 +43,13 @@ class DatasetSearch:
     def checkpoints_rel(self) -> str:  # where each trial's Ray Train run keeps its checkpoints
         return self.record.key(self.dataset, "checkpoints")
 
+    @property
+    def study_rel(self) -> str:  # the study's SQLite file under this node's cache (tune/resume.py:study_path)
+        return f"{self.storage.uri.replace('://', '_').replace('/', '_')}/{self.experiment}/{self.dataset}.db"
+
     def optuna_db(self) -> Path:
-        """The study's SQLite file, local to the driver (copied next to the results after the search)."""
-        return cache_dir("optuna") / self.storage.uri.replace("://", "_").replace("/", "_") / self.experiment / f"{self.dataset}.db"
+        """The study's SQLite file, local to the driver (copied into the record as the search goes)."""
+        return study_path(self.study_rel)
 
 
 def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
@@ -93,7 +96,8 @@ def optuna_searcher(search: DatasetSearch):
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{search.optuna_db()}")
     searcher = ResumableOptunaSearch(sampler=DistinctSampler(samplers[s["sampler"]](), seed=s["seed"]),
-                                     storage=storage, study_name=f"{search.experiment}-{search.dataset}")
+                                     storage=storage, study_name=f"{search.experiment}-{search.dataset}",
+                                     local_study=None if s["optuna_storage"] else search.study_rel)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent(search.cfg))
 
 
@@ -160,7 +164,7 @@ def new_tuner(search: DatasetSearch, trainable, path: str, fs) -> tune.Tuner:
     searcher = optuna_searcher(search)
     state = SearchState(search.storage, search.rel, search.record.study_key(search.dataset),
                         search.record.state_key(search.dataset),
-                        None if s["optuna_storage"] else search.optuna_db(), scheduler, searcher.searcher)
+                        None if s["optuna_storage"] else search.study_rel, scheduler, searcher.searcher)
     return tune.Tuner(
         trainable,
         param_space=tune_space(search.params),

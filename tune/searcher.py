@@ -16,12 +16,15 @@ import math
 import random
 from typing import Any
 
+import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
+
+from tune.resume import study_path
 
 logger = logging.getLogger(__name__)
 _DRAWS = 200  # random neighbours and points tried before accepting a repeat (the space may be exhausted)
@@ -33,6 +36,22 @@ class ResumableOptunaSearch(OptunaSearch):
     trial; the study keeps the result it holds and the search goes on."""
 
     staging_dir: str | None = None  # where Tune last saved its state on this driver (tune/resume.py signs it there)
+
+    def __init__(self, *args, local_study: str | None = None, **kwargs) -> None:
+        self.local_study = local_study  # the SQLite study under this node's cache (tune/resume.py:study_path)
+        super().__init__(*args, **kwargs)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """The saved state names the study's file by the path it had on the driver that saved it: a new head (another
+        cache directory) continues from its own copy of the study instead."""
+        super().restore(checkpoint_path)
+        if self.local_study and self._ot_study is not None:
+            url = f"sqlite:///{study_path(self.local_study)}"
+            self._storage = optuna.storages.RDBStorage(url)
+            self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                               sampler=self._ot_study.sampler)
+            for trial in self._ot_trials.values():
+                trial.study, trial.storage = self._ot_study, self._ot_study._storage
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get("final"):  # the test report after training is no epoch of the learning curve
