@@ -371,6 +371,29 @@ def test_a_result_for_a_trial_the_study_already_finished_is_not_fatal(tmp_path):
     assert trial.intermediate_values == {1: 0.4, 2: 0.5}  # steps are epochs
 
 
+def test_a_trial_stopped_early_is_pruned_in_the_study_with_its_curve():
+    import optuna
+    from optuna.trial import TrialState
+    from ray import tune
+
+    from tune.searcher import ResumableOptunaSearch
+
+    storage = optuna.storages.InMemoryStorage()
+    searcher = ResumableOptunaSearch(space={"a": tune.choice([1, 2, 3])}, metric="m", mode="max", storage=storage,
+                                     study_name="s", epochs=3)
+    for tid, epochs in (("full", 3), ("stopped", 1)):
+        searcher.suggest(tid)
+        for epoch in range(1, epochs):  # Tune hands the result that stops a trial to on_trial_complete alone
+            searcher.on_trial_result(tid, {"m": 0.1 * epoch, "epoch": epoch, "training_iteration": epoch})
+        searcher.on_trial_complete(tid, {"m": 0.1 * epochs, "epoch": epochs, "training_iteration": epochs})
+    searcher.suggest("failed")
+    searcher.on_trial_complete("failed", None, error=True)
+    full, stopped, failed = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert full.state == TrialState.COMPLETE and full.value == pytest.approx(0.3) and len(full.intermediate_values) == 3
+    assert stopped.state == TrialState.PRUNED and stopped.intermediate_values == {1: pytest.approx(0.1)}
+    assert failed.state == TrialState.FAIL
+
+
 def test_a_restored_searcher_uses_this_nodes_copy_of_the_study(tmp_path, monkeypatch):
     """The searcher's saved state names the study's SQLite file by the path it had on the lost head; a new head with
     another cache directory must continue in its own copy (else the results' study copy misses every later trial)."""
@@ -841,6 +864,15 @@ def test_asha_stops_a_trial_early(ray_tmp, tmp_path):
     history = _csv(storage / "asha" / "history.csv")
     for _, row in stopped.iterrows():
         assert (history["trial_id"] == row["trial_id"]).sum() == row["epochs_run"]
+    # The study says what happened: the stopped trials PRUNED with their curves, the others COMPLETE.
+    import optuna
+    from optuna.trial import TrialState
+    study = optuna.load_study(study_name="asha-synthetic", storage=f"sqlite:///{storage / 'asha/optuna/synthetic.db'}")
+    trials = study.get_trials()
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert len(pruned) == len(stopped) and len(trials) == 4
+    assert sorted(len(t.intermediate_values) for t in pruned) == sorted(stopped["epochs_run"])
+    assert all(t.state == TrialState.COMPLETE and len(t.intermediate_values) == 3 for t in trials if t not in pruned)
 
 
 @pytest.mark.integration

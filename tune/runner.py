@@ -97,7 +97,8 @@ def optuna_searcher(search: DatasetSearch):
         storage = optuna.storages.RDBStorage(f"sqlite:///{search.optuna_db()}")
     searcher = ResumableOptunaSearch(sampler=DistinctSampler(samplers[s["sampler"]](), seed=s["seed"]),
                                      storage=storage, study_name=f"{search.experiment}-{search.dataset}",
-                                     local_study=None if s["optuna_storage"] else search.study_rel)
+                                     local_study=None if s["optuna_storage"] else search.study_rel,
+                                     epochs=search.cfg["train"]["epochs"])
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent(search.cfg))
 
 

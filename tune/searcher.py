@@ -37,9 +37,28 @@ class ResumableOptunaSearch(OptunaSearch):
 
     staging_dir: str | None = None  # where Tune last saved its state on this driver (tune/resume.py signs it there)
 
-    def __init__(self, *args, local_study: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, local_study: str | None = None, epochs: int | None = None, **kwargs) -> None:
         self.local_study = local_study  # the SQLite study under this node's cache (tune/resume.py:study_path)
+        self.epochs = epochs  # a trial's full budget: one that ends before it was stopped early
         super().__init__(*args, **kwargs)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """A trial stopped before its last epoch (ASHA, the time budget) goes into the study as PRUNED, its learning
+        curve kept: Ray would tell Optuna it is COMPLETE with its early value, which misleads TPE (a configuration cut
+        short after one epoch is not a finished bad one) and optuna-dashboard."""
+        known = trial_id in self._ot_trials and trial_id not in self._completed_trials
+        if result and not error and known:  # the last result (the one a scheduler stops on) reaches only this call
+            self.on_trial_result(trial_id, result)
+        epoch = (result or {}).get("epoch")
+        if (error or not known or not self.epochs or not isinstance(epoch, int) or epoch >= self.epochs
+                or result.get("final")):
+            super().on_trial_complete(trial_id, result, error)
+            return
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        except Exception as e:  # noqa: BLE001 - as Ray does for tell: a warning, never the search
+            logger.warning("trial %s: %s", trial_id, e)
+        self._completed_trials.add(trial_id)
 
     def restore(self, checkpoint_path: str) -> None:
         """The saved state names the study's file by the path it had on the driver that saved it: a new head (another
