@@ -381,15 +381,16 @@ def test_a_trial_stopped_early_is_pruned_in_the_study_with_its_curve():
     storage = optuna.storages.InMemoryStorage()
     searcher = ResumableOptunaSearch(space={"a": tune.choice([1, 2, 3])}, metric="m", mode="max", storage=storage,
                                      study_name="s", epochs=3)
-    for tid, epochs in (("full", 3), ("stopped", 1)):
+    for tid, curve in (("full", [0.1, 0.4, 0.3]), ("stopped", [0.1])):
         searcher.suggest(tid)
-        for epoch in range(1, epochs):  # Tune hands the result that stops a trial to on_trial_complete alone
-            searcher.on_trial_result(tid, {"m": 0.1 * epoch, "epoch": epoch, "training_iteration": epoch})
-        searcher.on_trial_complete(tid, {"m": 0.1 * epochs, "epoch": epochs, "training_iteration": epochs})
+        for epoch, m in enumerate(curve[:-1], start=1):  # Tune hands the result that stops a trial to on_trial_complete
+            searcher.on_trial_result(tid, {"m": m, "epoch": epoch, "training_iteration": epoch})
+        searcher.on_trial_complete(tid, {"m": curve[-1], "epoch": len(curve), "training_iteration": len(curve)})
     searcher.suggest("failed")
     searcher.on_trial_complete("failed", None, error=True)
     full, stopped, failed = optuna.load_study(study_name="s", storage=storage).get_trials()
-    assert full.state == TrialState.COMPLETE and full.value == pytest.approx(0.3) and len(full.intermediate_values) == 3
+    assert full.state == TrialState.COMPLETE and len(full.intermediate_values) == 3
+    assert full.value == pytest.approx(0.4)  # its best epoch, as the search selects, not its last
     assert stopped.state == TrialState.PRUNED and stopped.intermediate_values == {1: pytest.approx(0.1)}
     assert failed.state == TrialState.FAIL
 

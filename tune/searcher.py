@@ -45,13 +45,16 @@ class ResumableOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         """A trial stopped before its last epoch (ASHA, the time budget) goes into the study as PRUNED, its learning
         curve kept: Ray would tell Optuna it is COMPLETE with its early value, which misleads TPE (a configuration cut
-        short after one epoch is not a finished bad one) and optuna-dashboard."""
+        short after one epoch is not a finished bad one) and optuna-dashboard. A trial that ran its budget is
+        COMPLETE with its best epoch's value (the one rule that selects epochs and trials), not its last epoch's."""
         known = trial_id in self._ot_trials and trial_id not in self._completed_trials
         if result and not error and known:  # the last result (the one a scheduler stops on) reaches only this call
             self.on_trial_result(trial_id, result)
         epoch = (result or {}).get("epoch")
         if (error or not known or not self.epochs or not isinstance(epoch, int) or epoch >= self.epochs
                 or result.get("final")):
+            if result and not error and known:  # the trial's value is its best epoch's, as the search selects
+                result = {**result, self._metric: self._best_of_curve(trial_id, result[self._metric])}
             super().on_trial_complete(trial_id, result, error)
             return
         try:
@@ -76,11 +79,19 @@ class ResumableOptunaSearch(OptunaSearch):
         if result.get("final"):  # the test report after training is no epoch of the learning curve
             return
         # Optuna's step is the epoch: Tune's iteration count starts again at 1 when a trial is restored.
+        step = result.get("epoch") or result["training_iteration"]
+        trial = self._ot_trials.get(trial_id)
+        if trial is not None and step in trial.storage.get_trial(trial._trial_id).intermediate_values:
+            return  # an epoch reported again (a restored trial; the result a trial ends on)
         try:
-            super().on_trial_result(trial_id, {**result, "training_iteration": result.get("epoch")
-                                               or result["training_iteration"]})
+            super().on_trial_result(trial_id, {**result, "training_iteration": step})
         except UpdateFinishedTrialError:
             logger.info("trial %s already finished in the study; its repeated result is not reported again", trial_id)
+
+    def _best_of_curve(self, trial_id: str, last: float) -> float:
+        trial = self._ot_trials[trial_id]
+        curve = list(trial.storage.get_trial(trial._trial_id).intermediate_values.values()) or [last]
+        return max(curve) if self._mode == "max" else min(curve)
 
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         self.staging_dir = checkpoint_dir
