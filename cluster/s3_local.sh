@@ -59,8 +59,16 @@ for port in sys.argv[1:]:
 PY
 }
 
-# A live process (a zombie has exited; its parent just has not reaped it yet).
-alive() { [[ -r /proc/$1/status ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+# A live process: one of its threads is not a zombie. (A zombie has exited and its parent just has not reaped it
+# yet. Checking only the main thread is not enough: while a multi-threaded server such as weed exits, its main thread
+# can be a zombie while the others still hold its sockets open.)
+alive() {
+  local t
+  for t in /proc/$1/task/*/status; do
+    [[ -r $t ]] && ! grep -q '^State:[[:space:]]*Z' "$t" 2>/dev/null && return 0
+  done
+  return 1
+}
 
 # PID of our server if it runs: the PID file names a live process whose command line is weed with our data dir.
 running_pid() {
@@ -218,6 +226,14 @@ cmd_stop() {
     log "still running after 10 s; SIGKILL"
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   fi
+  # Stopped means its ports are free: a `start` right after (same ports) or a caller probing the endpoint must not
+  # find a listener of the old server still closing.
+  local -a p=(); [[ -f $DIR/ports ]] && read -r -a p <"$DIR/ports"
+  for _ in $(seq 50); do
+    [[ ${#p[@]} -eq 0 ]] || ports_free "${p[@]}" && break
+    sleep 0.2
+  done
+  [[ ${#p[@]} -eq 0 ]] || ports_free "${p[@]}" || log "warning: a port of $DIR/ports is still in use after stop"
   rm -f "$DIR/weed.pid"
   log "stopped (pid $pid); data kept in $DIR"
 }
