@@ -40,6 +40,29 @@ def load_for_evaluation(path: str | Path, overrides: list[str]):
     return model, cfg, temperature
 
 
+def measure(model, dataset, cfg: dict, session, seed: int, temperature: float | None) -> dict:
+    """`engine.evaluate` with cfg's sampler settings, and what that prediction costs: wall-clock milliseconds per
+    image (everything a prediction does: reading, DCG, encoding, the reverse chain) and denoiser evaluations per
+    image (one chain step of one image = 1; steps x samples for a chain that is not cut short)."""
+    from diffmic.engine import evaluate
+
+    rows = 0
+
+    def count(module, args, output) -> None:
+        nonlocal rows
+        rows += int(output.shape[0])
+
+    handle = model.denoiser.register_forward_hook(count)
+    try:
+        start = time.perf_counter()
+        metrics = evaluate(model, dataset, cfg, session, seed, temperature=temperature)
+        elapsed = time.perf_counter() - start
+    finally:
+        handle.remove()
+    images = max(1, len(dataset))
+    return {**metrics, "predict_ms_per_image": 1000.0 * elapsed / images, "denoiser_calls_per_image": rows / images}
+
+
 def main(argv: list[str] | None = None) -> None:
     given = argv if argv is not None else sys.argv[1:]
     with one_line_errors("diffmic.evaluate"):

@@ -179,9 +179,36 @@ def keep_credentials_out_of_tune() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE.difference_update(SECRET_VARS)
 
 
+def serialize_tune_registry() -> None:
+    """Tune's registry of trainables (one per process) is not thread-safe: two datasets' Tuners starting at once in
+    this driver's threads failed with "dictionary changed size during iteration" in its flush. Its writes are made
+    one at a time."""
+    import threading
+
+    from ray.tune import registry
+
+    reg = registry._global_registry
+    if getattr(reg, "_diffmic_lock", None) is not None:
+        return
+    lock = threading.RLock()
+    register, flush = reg.register, reg.flush_values
+
+    def locked(fn):
+        def call(*args, **kwargs):
+            with lock:
+                return fn(*args, **kwargs)
+        return call
+
+    reg.register, reg.flush_values, reg._diffmic_lock = locked(register), locked(flush), lock
+    # Ray calls flush_values after ray.init through this hook list; the hook must take the lock too.
+    ray._private.worker._post_init_hooks[:] = [reg.flush_values if getattr(h, "__self__", None) is reg else h
+                                               for h in ray._private.worker._post_init_hooks]
+
+
 def init_ray(cfg: dict) -> None:
     """Join the cluster at RAY_ADDRESS (or the one this process runs in), else start a local one."""
     keep_credentials_out_of_tune()
+    serialize_tune_registry()
     if ray.is_initialized():
         return
     # Train V2's placement-group cleaner (a worker) finds the cluster's State API through RAY_API_SERVER_ADDRESS /

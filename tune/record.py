@@ -4,12 +4,17 @@
     <root>/<experiment>/summary.{parquet,csv}    one row per trial (its parameters, its best epoch's val_* metrics)
     <root>/<experiment>/history.{parquet,csv}    one row per trial and reported epoch
     <root>/<experiment>/best.{parquet,csv}       one row per dataset: the best trial, its val_* and test_* metrics
+                                                 (and val_*_mean/_sd over the finalists' repeats)
+    <root>/<experiment>/pareto.{parquet,csv}     one row per trial and sampler point: val_* metrics, prediction cost,
+                                                 on_front (tune/pareto.py)
+    <root>/<experiment>/finalists.{parquet,csv}  one row per finalist run: its parameters, repeat, seed, val_*
     <root>/<experiment>/best.json                per dataset: the same with the confusion matrix and class names
     <root>/<experiment>/optuna/<dataset>.db      each dataset's Optuna study (SQLite)
     <root>/<experiment>/state/<dataset>.json     what a new head needs to resume (tune/resume.py): ASHA's rungs,
                                                  the signatures of Ray's state files
     <root>/<experiment>/report.html              the results page (tune/report.py)
     <root>/<experiment>/<dataset>/               Ray Tune's experiment: trials and their checkpoints
+    <root>/<experiment>/finalists/<dataset>/     the finalists' Ray Train runs and their checkpoints
     <root>/<experiment>/best/<dataset>/          this experiment's best model of each dataset (a bundle)
     <root>/<experiment>/exports/<dataset>/<trial>/   bundles exported with `tune.export --trial`
     <root>/best/<dataset>/                       the current best model of each dataset, across experiments
@@ -35,7 +40,8 @@ from tune.storage.base import clean_rel
 
 FORMAT = 1
 SEARCH, BEST_DETAILS, REPORT = "search.json", "best.json", "report.html"
-TABLES = ("summary", "history", "best")
+TABLES = ("summary", "history", "best", "pareto", "finalists")
+PER_DATASET = ("summary", "history", "pareto", "finalists")  # tables with a row per dataset's trial, run or point
 CHECKPOINT = "checkpoint_path"  # the summary column that holds a trial's best checkpoint (as Ray reports it)
 
 
@@ -75,6 +81,9 @@ class Record:
 
     def state_key(self, dataset: str) -> str:
         return self.key("state", f"{dataset}.json")
+
+    def finalists_key(self, dataset: str) -> str:
+        return self.key("finalists", dataset)
 
     def best_key(self, dataset: str) -> str:
         """This experiment's best model of a dataset (a bundle)."""
@@ -120,17 +129,18 @@ class Record:
         self.write_table("best", pd.DataFrame([best_row(d, e) for d, e in details.items()]))
         self.storage.write_text(self.key(BEST_DETAILS), json.dumps(to_jsonable(details), indent=1))
 
-    def write_results(self, summary: pd.DataFrame, history: pd.DataFrame, best: dict[str, dict],
+    def write_results(self, tables: dict[str, pd.DataFrame], best: dict[str, dict],
                       searches: dict[str, dict], started: float, wall_time_s: float) -> None:
-        """A search's outcome for the datasets in `searches`; the rows and descriptions of the experiment's other
-        datasets (searched by an earlier invocation under the same name) are kept, never dropped."""
+        """A search's outcome for the datasets in `searches` (tables: PER_DATASET name -> rows); the rows and
+        descriptions of the experiment's other datasets (searched by an earlier invocation under the same name) are
+        kept, never dropped."""
         others = self.read_search()["datasets"] if self.storage.exists(self.key(SEARCH)) else {}
 
         def kept(frame: pd.DataFrame) -> pd.DataFrame:
             return frame[~frame["dataset"].astype(str).isin(list(searches))] if "dataset" in frame else frame.iloc[:0]
 
-        frames = {"summary": summary, "history": history}
-        for name, frame in frames.items():
+        for name in PER_DATASET:
+            frame = tables.get(name, pd.DataFrame())
             parts = [f for f in (kept(self.read_table(name)), frame) if len(f)]
             self.write_table(name, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
         self.write_best({**{d: e for d, e in self.read_best().items() if d not in searches}, **best})
@@ -176,12 +186,13 @@ class Record:
     def load(self) -> Results:
         meta = self.read_search()
         summary, history = self.read_table("summary"), self.read_table("history")
-        for frame in (summary, history):
+        pareto, finalists = self.read_table("pareto"), self.read_table("finalists")
+        for frame in (summary, history, pareto, finalists):
             if "trial_id" in frame:  # Ray's hex ids stay text ("4e000003" is not a number)
                 frame["trial_id"] = frame["trial_id"].astype(str)
         if summary.empty:
             summary = pd.DataFrame(columns=["dataset", "trial_id", "status"])
-        return Results(self, meta, summary, history, self.read_best())
+        return Results(self, meta, summary, history, self.read_best(), pareto, finalists)
 
 
 def describe(cfg: dict, params) -> dict:
@@ -193,17 +204,21 @@ def describe(cfg: dict, params) -> dict:
 
 
 def best_entry(trial: pd.Series, params: list[str], test: dict, class_names: list[str], checkpoint_uri: str,
-               bundle_uri: str | None) -> dict:
-    """A dataset's best trial as best.json keeps it."""
+               bundle_uri: str | None, sampling: dict | None = None, point: dict | None = None,
+               repeats: dict | None = None) -> dict:
+    """A dataset's best trial as best.json keeps it: `sampling` is the sampler setting it was tested and exported
+    with (None: its own), `point` that setting's validation figures and cost (pareto.csv), `repeats` the mean and
+    sd of each validation metric over the finalists' repeats of its configuration."""
     return {"trial_id": trial["trial_id"], "params": {k: trial[k] for k in params},
             "val": unprefixed("val", trial.to_dict()), "test": test, "class_names": class_names,
-            "checkpoint_uri": checkpoint_uri, "bundle_uri": bundle_uri}
+            "checkpoint_uri": checkpoint_uri, "bundle_uri": bundle_uri, "sampling": sampling or {},
+            "point": point or {}, "repeats": repeats or {}}
 
 
 def best_row(dataset: str, entry: dict) -> dict:
     return {"dataset": dataset, "trial_id": entry["trial_id"], **entry["params"], **prefixed("val", entry["val"]),
-            **prefixed("test", entry["test"]), "checkpoint_uri": entry["checkpoint_uri"],
-            "bundle_uri": entry["bundle_uri"]}
+            **(entry.get("repeats") or {}), **prefixed("test", entry["test"]), **(entry.get("sampling") or {}),
+            **(entry.get("point") or {}), "checkpoint_uri": entry["checkpoint_uri"], "bundle_uri": entry["bundle_uri"]}
 
 
 def best_trial(summary: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
@@ -224,6 +239,8 @@ class Results:
     summary: pd.DataFrame       # one row per trial
     history: pd.DataFrame       # one row per trial and epoch
     best: dict                  # best.json: {dataset: best_entry}
+    pareto: pd.DataFrame = field(default_factory=pd.DataFrame)     # one row per trial and sampler point
+    finalists: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per finalist run
     searches: dict = field(init=False)
 
     def __post_init__(self) -> None:

@@ -109,15 +109,24 @@ def best_section(res: Results, dataset: str) -> str:
         statuses = ", ".join(f"{n} {k}" for k, n in res.trials(dataset)["status"].value_counts().items())
         return "<h3>Best trial</h3>" + note(f"No best trial for {dataset}: no trial reported {res.metric(dataset)} with a "
                                             f"checkpoint ({statuses or 'no trials'}).")
-    val, test = b.get("val", {}), b.get("test", {})
+    val, test, rep = b.get("val", {}), b.get("test", {}), b.get("repeats") or {}
     names = [k for k in dict.fromkeys([*val, *test]) if not isinstance(val.get(k, test.get(k)), (list, dict))]
-    rows = [f"<tr><th>{esc(k)}</th><td>{esc(fmt(val.get(k)))}</td><td>{esc(fmt(test.get(k)))}</td></tr>" for k in names]
-    rows += ["<tr class=sub><th colspan=3>parameters</th></tr>"]
-    rows += [f"<tr><th>{esc(k)}</th><td colspan=2>{esc(fmt(v))}</td></tr>" for k, v in b.get("params", {}).items()]
-    rows += [f"<tr><th>{k}</th><td colspan=2 class=uri>{esc(b[k])}</td></tr>" for k in ("checkpoint_uri", "bundle_uri")
-             if b.get(k)]
+
+    def spread(k: str) -> str:  # mean ± sd over the finalists' repeats of the selected configuration
+        mean, sd = rep.get(f"val_{k}_mean"), rep.get(f"val_{k}_sd")
+        return f"<td>{esc(fmt(mean))} ± {esc(fmt(sd))}</td>" if mean is not None else "<td></td>"
+
+    cols = 4 if rep else 3
+    rows = [f"<tr><th>{esc(k)}</th><td>{esc(fmt(val.get(k)))}</td>{spread(k) if rep else ''}"
+            f"<td>{esc(fmt(test.get(k)))}</td></tr>" for k in names]
+    rows += [f"<tr class=sub><th colspan={cols}>parameters</th></tr>"]
+    rows += [f"<tr><th>{esc(k)}</th><td colspan={cols - 1}>{esc(fmt(v))}</td></tr>"
+             for k, v in {**b.get("params", {}), **(b.get("sampling") or {}), **(b.get("point") or {})}.items()]
+    rows += [f"<tr><th>{k}</th><td colspan={cols - 1} class=uri>{esc(b[k])}</td></tr>"
+             for k in ("checkpoint_uri", "bundle_uri") if b.get(k)]
+    head = "<th>val (mean ± sd over repeats)</th>" if rep else ""
     left = (f"<p>Trial <b>{esc(b.get('trial_id', '?'))}</b>, chosen on validation {esc(res.metric(dataset))} ({esc(res.searches[dataset]['mode'])}), tested once.</p>"
-            f"<table class=small><tr class=sub><th>metric</th><th>val</th><th>test</th></tr>{''.join(rows)}</table>")
+            f"<table class=small><tr class=sub><th>metric</th><th>val</th>{head}<th>test</th></tr>{''.join(rows)}</table>")
     return f"<h3>Best trial</h3><div class=grid2><div>{left}</div><div>{confusion(b)}</div></div>"
 
 
@@ -345,7 +354,10 @@ def dataset_section(res: Results, dataset: str) -> str:
     parts = [f'<section id="ds-{esc(dataset)}"><h2>Dataset: {esc(dataset)} ({len(trials)} trials)</h2>']
     if len(trials) and (trials["status"] == "ERROR").all():
         parts.append(note("Every trial of this dataset failed (status ERROR): see the Ray Tune logs."))
-    return "".join(parts + [section(res, dataset) for section in SECTIONS]) + "</section>"
+    from tune.render_selection import SELECTION_SECTIONS  # here: that module uses this one's helpers
+
+    sections = (SECTIONS[0], *SELECTION_SECTIONS, *SECTIONS[1:])
+    return "".join(parts + [section(res, dataset) for section in sections]) + "</section>"
 
 
 

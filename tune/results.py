@@ -33,7 +33,7 @@ def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFram
             df = df.drop_duplicates("epoch", keep="first").reset_index(drop=True)  # first, it carries the checkpoint
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         params = {p.key: result.config.get(p.key) for p in search.params}
-        row = {"dataset": search.dataset, "trial_id": trial_id, **params}
+        row = {"dataset": search.dataset, "trial_id": trial_id, **params, **interval(df)}
         if metric in df.columns and df[metric].notna().any():
             # The first epoch of the best value, as the engine picks it (ties go to the earlier epoch).
             best = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
@@ -56,31 +56,53 @@ def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFram
     return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
 
 
-def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dict, replace: bool = False) -> dict:
-    """Test metrics of a checkpoint's evaluation weights (EMA / best validation), and optionally the bundle
-    exported from those same weights to `export_uri` (a directory or s3:// prefix). The config is the checkpoint's own: the
-    exact config that trained it. Needs no Ray: `test_best` runs it as a task, `tune.export` runs it here."""
+def interval(df: pd.DataFrame) -> dict:
+    """When a trial ran, in epoch seconds: from its first result's timestamp less that result's own duration (the
+    time since the trial started) to its last result's timestamp."""
+    if "timestamp" not in df or df["timestamp"].isna().all():
+        return {"started_at": math.nan, "ended_at": math.nan}
+    first = df.loc[df["timestamp"].idxmin()]
+    return {"started_at": float(first["timestamp"]) - float(first.get("time_this_iter_s", 0.0) or 0.0),
+            "ended_at": float(df["timestamp"].max())}
+
+
+def open_checkpoint(checkpoint_uri: str, sampling: dict | None = None):
+    """(config, splits, evaluation model, fitted temperature, state) of a trial's checkpoint, on this process's
+    device. The config is the checkpoint's own (the exact config that trained it), with `sampling` (diffusion.* keys:
+    sampler, sample_steps, num_samples, eta) applied. Runs in Ray tasks: a worker process may start here."""
     from diffmic.compat import ensure_torchvision_importable
-    ensure_torchvision_importable()  # runs as a Ray task: a worker process may start here
-    from diffmic.bundle import MANIFEST, write_bundle
+    ensure_torchvision_importable()
     from diffmic.checkpoint import fitted_temperature, load_eval_model, load_state
     from diffmic.config import split_seed
     from diffmic.data import build_splits
-    from diffmic.engine import evaluate
-    from diffmic.session import Session
     from diffmic.remote import localize
+    from diffmic.session import Session
 
     with tempfile.TemporaryDirectory() as tmp:
         state = load_state(open_storage(checkpoint_uri, check=False).download_dir("", Path(tmp) / "checkpoint"))
     cfg = state["config"]
     if cfg["dataset"].get("origin_root"):  # the worker's local cache path may not exist here
         cfg = {**cfg, "dataset": {**cfg["dataset"], "root": cfg["dataset"]["origin_root"]}}
+    if sampling:  # a sampler point (tune/pareto.py), resolved on the trial's own T and preset start
+        from tune.pareto import settings
+        cfg = {**cfg, "diffusion": {**cfg["diffusion"], **settings(sampling, cfg)}}
     data = build_splits(localize(cfg)["dataset"], seed=split_seed(cfg))
-    model = load_eval_model(state, data.num_classes)
     session = Session(amp=cfg["train"]["amp"])
-    model = model.to(session.device)
-    test = evaluate(model, data.test, cfg, session, generator_seed=cfg["seed"],
-                    temperature=fitted_temperature(state))
+    model = load_eval_model(state, data.num_classes).to(session.device)
+    return cfg, data, model, fitted_temperature(state), state, session
+
+
+def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dict, replace: bool = False,
+                    sampling: dict | None = None) -> dict:
+    """Test metrics of a checkpoint's evaluation weights (EMA / best validation), and optionally the bundle
+    exported from those same weights to `export_uri` (a directory or s3:// prefix), predicting by default with
+    `sampling` (a Pareto point; None: the trial's own settings). Needs no Ray: `test_best` runs it as a task,
+    `tune.export` runs it here."""
+    from diffmic.bundle import MANIFEST, write_bundle
+    from diffmic.engine import evaluate
+
+    cfg, data, model, temperature, state, session = open_checkpoint(checkpoint_uri, sampling)
+    test = evaluate(model, data.test, cfg, session, generator_seed=cfg["seed"], temperature=temperature)
     val = state["best"]["metrics"] if state.get("best") else {}
     if export_uri is not None:
         dest = open_storage(export_uri, check=False)
@@ -93,21 +115,29 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
             bundle = write_bundle(Path(tmp) / "bundle", model.cpu(), cfg, data.class_names,
                                   to_jsonable({"val": val, "test": test}), provenance)
             dest.upload_dir(bundle, "", last=(MANIFEST,))
-    return {"test": to_jsonable(test), "class_names": data.class_names}
+    sampling = {k: cfg["diffusion"][k] for k in ("sampler", "sample_steps", "num_samples")}
+    return {"test": to_jsonable(test), "class_names": data.class_names, "sampling": sampling}
 
 
-def test_best(search: DatasetSearch, best: pd.Series, export_uri: str | None) -> dict:
-    """Evaluate the best trial's best checkpoint on the test split, once, and export it to export_uri (if given)."""
-    scaling = search.cfg["scaling"]
+def task_resources(cfg: dict) -> dict:
+    """Ray task options for work on a trial's checkpoint: the resources of one of its Train workers, so it runs on
+    the kind of device the trial trained on."""
+    scaling = cfg["scaling"]
     resources = dict(scaling["resources_per_worker"] or {})
     num_gpus = resources.pop("GPU", 1) if scaling["use_gpu"] else 0
     num_cpus = resources.pop("CPU", 1)
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or None}
+
+
+def test_best(search: DatasetSearch, best: pd.Series, export_uri: str | None, sampling: dict | None = None) -> dict:
+    """Evaluate the best trial's best checkpoint on the test split, once, and export it to export_uri (if given)."""
+    import ray
+
     checkpoint_uri = search.record.checkpoint_uri(best)
     about = provenance(search.experiment, search.dataset, best, [p.key for p in search.params], checkpoint_uri,
                        search.cfg["search"]["metric"])
-    import ray
-    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(test_and_export)
-    out = ray.get(task.remote(checkpoint_uri, export_uri, about, True))  # a resumed search exports again
+    task = ray.remote(**task_resources(search.cfg))(test_and_export)
+    out = ray.get(task.remote(checkpoint_uri, export_uri, about, True, sampling))  # a resumed search exports again
     return {**out, "bundle_uri": export_uri, "checkpoint_uri": checkpoint_uri}
 
 

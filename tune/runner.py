@@ -65,6 +65,17 @@ def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
         raise result.error
 
 
+def trial_function(dataset: str):
+    """run_trial under a name of the dataset's own: Tune registers trainables by name, once per process, and the
+    datasets' searches run at once in one driver; under one shared name a dataset's trials ran with another's
+    config (seen: synthetic trials training on APTOS images)."""
+    def trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
+        run_trial(params, base_cfg, checkpoints_uri)
+
+    trial.__name__ = trial.__qualname__ = f"run_trial_{dataset}"
+    return trial
+
+
 def local_study(search: DatasetSearch) -> None:
     """The study's SQLite file on this driver, before Tune starts or restores its searcher: the stored copy when this
     node has none (a new head after the old one was lost), nothing stale from an experiment whose results are gone."""
@@ -80,8 +91,8 @@ def local_study(search: DatasetSearch) -> None:
 
 def optuna_searcher(search: DatasetSearch):
     import optuna
-    from ray.tune.search import ConcurrencyLimiter
 
+    from tune.pool import PooledLimiter
     from tune.searcher import DistinctSampler, ResumableOptunaSearch
 
     s = search.cfg["search"]
@@ -99,12 +110,14 @@ def optuna_searcher(search: DatasetSearch):
                                      storage=storage, study_name=f"{search.experiment}-{search.dataset}",
                                      local_study=None if s["optuna_storage"] else search.study_rel,
                                      epochs=search.cfg["train"]["epochs"])
-    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent(search.cfg))
+    # The search's pool (tune/pool.py) shares search.max_concurrent_trials among the datasets searched at once.
+    return PooledLimiter(searcher, max_concurrent=max_concurrent(search.cfg), pool=search.record.uri,
+                         member=search.dataset)
 
 
 def max_concurrent(cfg: dict) -> int:
-    """Trials at once: the knob, else as many as the cluster's current CPUs/GPUs fit (Tune cannot count Train's
-    workers itself under Train V2, ray-project/ray#54305)."""
+    """Trials at once (across all datasets of the search): the knob, else as many as the cluster's current CPUs/GPUs
+    fit (Tune cannot count Train's workers itself under Train V2, ray-project/ray#54305)."""
     if cfg["search"]["max_concurrent_trials"]:
         return int(cfg["search"]["max_concurrent_trials"])
     scaling = cfg["scaling"]
@@ -135,8 +148,8 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
     path = root.fs_path if fs is not None else root.ray_storage_path
     exp_path = f"{path}/{search.dataset}"
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_cfg=redact_config(search.cfg),  # the study's DB URL stays here
-                             checkpoints_uri=search.storage.join(search.checkpoints_rel)),
+        tune.with_parameters(trial_function(search.dataset), base_cfg=redact_config(search.cfg),  # the study's DB
+                             checkpoints_uri=search.storage.join(search.checkpoints_rel)),  # URL stays here
         TRIAL_RESOURCES,
     )
     local_study(search)

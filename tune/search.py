@@ -67,6 +67,12 @@ def check_knobs(s: dict) -> None:
     need("max_concurrent_trials", s["max_concurrent_trials"] is None or s["max_concurrent_trials"] >= 1,
          "null or an integer >= 1")
     need("time_budget_s", s["time_budget_s"] is None or s["time_budget_s"] > 0, "null or seconds > 0")
+    need("max_cost_ms", s["max_cost_ms"] is None or (isinstance(s["max_cost_ms"], (int, float))
+                                                     and not isinstance(s["max_cost_ms"], bool)
+                                                     and s["max_cost_ms"] > 0), "null or milliseconds > 0")
+    for key in ("finalists", "repeats"):
+        need(key, isinstance(s[key], int) and not isinstance(s[key], bool) and s[key] >= 0, "an integer >= 0")
+    need("repeats", not s["finalists"] or s["repeats"] >= 1, "an integer >= 1 when search.finalists > 0")
 
 
 def known_datasets(overrides: list[str]) -> list[str] | None:
@@ -121,6 +127,7 @@ def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
     from diffmic.data import build_splits
     from diffmic.remote import localize
     from diffmic.weights import check_pretrained
+    from tune.pareto import check_grid
     from tune.runner import DatasetSearch
     from tune.space import check_against_config, parse_space
 
@@ -130,6 +137,9 @@ def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
     validate_config(dcfg)
     params = parse_space(dcfg["search"]["space"], dcfg)
     check_against_config(params, dcfg)
+    timesteps = next((list(p.values) for p in params if p.key == "diffusion.timesteps"),  # choice, randint bounds
+                     [dcfg["diffusion"]["timesteps"]])
+    check_grid(s["pareto"], [int(t) for t in timesteps])
     local = localize(dcfg)  # s3:// data and weights into this node's cache (they must exist)
     check_pretrained(local["model"])  # cheap, so before the images are read
     data = build_splits(local["dataset"], seed=split_seed(dcfg))
@@ -145,36 +155,24 @@ def search(cfg: dict, overrides: list[str]) -> None:
     import pandas as pd
 
     from tune.distributed import init_ray
-    from tune.record import Record, best_entry, best_trial, describe
-    from tune.results import test_best, trial_frames
-    from tune.resume import snapshot
-    from tune.runner import run_search
+    from tune.pool import POOLS, TrialPool
+    from tune.record import PER_DATASET, Record, describe
+    from tune.runner import max_concurrent
 
     storage, searches = plan(cfg, overrides)
     record = Record(storage, cfg["experiment"])
     started = time.time()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter shows the columns chosen below
     init_ray(cfg)
-    summaries, histories, details = [], [], {}
-    for s in searches:
-        grid = run_search(s)
-        summary, history = trial_frames(s, grid)
-        summaries.append(summary)
-        histories.append(history)
-        metric, mode = s.cfg["search"]["metric"], s.cfg["search"]["mode"]
-        best = best_trial(summary, metric, mode)
-        if best is None:
-            print(f"[search] {s.dataset}: no trial reported {metric}; nothing to test or export", flush=True)
-            continue
-        tested = test_best(s, best, record.best_bundle_uri(s.dataset) if cfg["export"] else None)
-        details[s.dataset] = best_entry(best, [p.key for p in s.params], tested["test"], tested["class_names"],
-                                        tested["checkpoint_uri"], tested["bundle_uri"])
-        if not s.cfg["search"]["optuna_storage"] and s.optuna_db().exists():
-            record.write_study(s.dataset, snapshot(s.optuna_db()))
-    summary = pd.concat(summaries, ignore_index=True)
-    history = [h for h in histories if len(h)]
-    record.write_results(summary, pd.concat(history, ignore_index=True) if history else pd.DataFrame(), details,
-                         {s.dataset: describe(s.cfg, s.params) for s in searches}, started, time.time() - started)
+    # Every dataset's search runs at once on the same cluster, sharing search.max_concurrent_trials (tune/pool.py).
+    pool = POOLS[record.uri] = TrialPool(max_concurrent(cfg))
+    print(f"[search] {len(searches)} dataset(s) at once, at most {pool.total} trials at a time", flush=True)
+    outcomes = run_concurrently([lambda s=s: search_dataset(s, cfg["export"], pool) for s in searches])
+    tables = {name: pd.concat([o[name] for o in outcomes if len(o[name])], ignore_index=True)
+              if any(len(o[name]) for o in outcomes) else pd.DataFrame() for name in PER_DATASET}
+    details = {o["dataset"]: o["best"] for o in outcomes if o["best"] is not None}
+    record.write_results(tables, details, {s.dataset: describe(s.cfg, s.params) for s in searches}, started,
+                         time.time() - started)
     if cfg["export"]:
         from tune.promote import first_current
         for dataset in details:
@@ -182,7 +180,97 @@ def search(cfg: dict, overrides: list[str]) -> None:
     if cfg["report"]:
         from tune.report import write_report
         write_report(record)
-    print_tables(summary, record.read_table("best"), record, cfg["report"])
+    print_tables(tables["summary"], record.read_table("best"), record, cfg["report"])
+
+
+def run_concurrently(jobs: list) -> list:
+    """Run the jobs in threads (each dataset's Tuner.fit blocks its caller) and return their results in order; the
+    first error is raised once all have ended. One job runs in this thread, which keeps Tune's own Ctrl-C handling
+    (it saves the experiment's state before it stops); with several, Ctrl-C ends the process, and the state saved
+    as the search went is what the same command resumes from."""
+    import threading
+
+    if len(jobs) == 1:
+        return [jobs[0]()]
+    results, errors = [None] * len(jobs), [None] * len(jobs)
+
+    def work(i: int) -> None:
+        try:
+            results[i] = jobs[i]()
+        except BaseException as e:  # noqa: BLE001 (re-raised below, in the caller's thread)
+            errors[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+    except KeyboardInterrupt:
+        print("[search] interrupted: run the same command again to resume", file=sys.stderr, flush=True)
+        os._exit(130)
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+def search_dataset(s, export: bool, pool) -> dict:
+    """One dataset, start to end: its Tune experiment, each trial at every sampler point (pareto.csv), the
+    finalists' repeats, the selected model tested once and exported. Returns its tables and best.json entry."""
+    import pandas as pd
+
+    from tune import finalists, pareto
+    from tune.record import best_entry, best_trial
+    from tune.results import test_best, trial_frames
+    from tune.resume import snapshot
+    from tune.runner import run_search
+
+    pool.join(s.dataset)
+    try:
+        grid = run_search(s)
+    finally:
+        pool.leave(s.dataset)
+    summary, history = trial_frames(s, grid)
+    out = {"dataset": s.dataset, "summary": summary, "history": history, "pareto": pd.DataFrame(),
+           "finalists": pd.DataFrame(), "best": None}
+    if not s.cfg["search"]["optuna_storage"] and s.optuna_db().exists():
+        s.record.write_study(s.dataset, snapshot(s.optuna_db()))
+    knobs = s.cfg["search"]
+    metric, mode = knobs["metric"], knobs["mode"]
+    best = best_trial(summary, metric, mode)
+    if best is None:
+        print(f"[search] {s.dataset}: no trial reported {metric}; nothing to test or export", flush=True)
+        return out
+    out["pareto"] = points = pareto.measure_trials(s, summary)
+    repeats = {}
+    if knobs["finalists"]:
+        out["finalists"], selected, repeats = finalists.confirm(s, summary)
+        if selected is not None:
+            best = selected
+            # The selected run is measured at the sampler points too: its own point within the cost budget is
+            # what it is tested and exported with.
+            mine = pareto.measure_trials(s, selected.to_frame().T)
+            out["pareto"] = points = pd.concat([p for p in (points, mine) if len(p)], ignore_index=True)
+            if len(points):
+                points = out["pareto"] = pareto.mark_front(points.drop(columns="on_front"), metric, mode)
+    # The default model: the best sampler point within search.max_cost_ms (null: the most accurate), over all
+    # trials; with finalists, over the selected run's points.
+    only = best["trial_id"] if repeats else None
+    point = pareto.choose(points, s.dataset, metric, mode, knobs["max_cost_ms"], only)
+    if point is None and len(points) and knobs["max_cost_ms"] is not None:
+        print(f"[search] {s.dataset}: no sampler point within search.max_cost_ms={knobs['max_cost_ms']}; "
+              "exporting the most accurate one", flush=True)
+        point = pareto.choose(points, s.dataset, metric, mode, None, only)
+    if point is not None and only is None:
+        best = summary[summary["trial_id"].astype(str) == str(point["trial_id"])].iloc[0]
+    sampling = pareto.sampling_of(point)
+    tested = test_best(s, best, s.record.best_bundle_uri(s.dataset) if export else None, sampling)
+    cost = {k: float(point[k]) for k in (pareto.COST, "denoiser_calls_per_image")} if point is not None else None
+    out["best"] = best_entry(best, [p.key for p in s.params], tested["test"], tested["class_names"],
+                             tested["checkpoint_uri"], tested["bundle_uri"], sampling, cost, repeats)
+    return out
 
 
 def print_tables(summary, best, record, report: bool) -> None:

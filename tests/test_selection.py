@@ -1,0 +1,159 @@
+"""What the search does beyond Tune + Optuna, as pure code (no Ray): the trial pool the datasets share, the Pareto
+front of validation metric against prediction cost, the finalists' configurations and runs. The same features on a
+real Ray cluster: tests/test_search.py::test_two_datasets_at_once_pareto_front_and_finalists."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from tune.finalists import SEED_STRIDE, plan_runs, top_configs
+from tune.pareto import COST, ParetoError, check_grid, choose, mark_front, settings
+from tune.pool import POOLS, PooledLimiter, TrialPool
+
+
+# ------------------------------------------------------------------------------------------------ the trial pool
+def test_the_pool_never_runs_more_than_its_total():
+    pool = TrialPool(3)
+    for m in ("a", "b"):
+        pool.join(m)
+    live = {"a": 0, "b": 0}
+    for _ in range(10):
+        for m in ("a", "b"):
+            if pool.request(m, live[m]):
+                live[m] += 1
+    assert sum(live.values()) == 3
+
+
+def test_a_dataset_waiting_gets_its_share_before_another_takes_more():
+    pool = TrialPool(4)
+    pool.join("a"), pool.join("b")
+    assert [pool.request("a", n) for n in range(2)] == [True, True]  # a takes its share of 2
+    assert pool.request("b", 0) is True
+    pool.update("b", 1)
+    # b is not waiting: a may take the free slot
+    assert pool.request("a", 2) is True
+    # now full; b asks, is refused and waits; when a slot frees, a (over its share) may not take it while b waits
+    assert pool.request("b", 1) is False
+    pool.update("a", 2)  # one of a's trials ended
+    assert pool.request("a", 2) is False
+    assert pool.request("b", 1) is True
+
+
+def test_a_dataset_that_has_finished_leaves_its_share_to_the_others():
+    pool = TrialPool(4)
+    pool.join("a"), pool.join("b")
+    for n in range(2):
+        assert pool.request("b", n)
+    live = 0
+    while pool.request("a", live):
+        live += 1
+    assert live == 2  # b holds 2 of 4
+    assert pool.request("b", 2) is False  # b waits now: a may not go beyond its share
+    pool.leave("b")
+    while pool.request("a", live):
+        live += 1
+    assert live == 4  # alone, a may use the whole pool
+
+
+class _Searcher:
+    """A searcher that always has another configuration."""
+    def __init__(self):
+        self.n = 0
+
+    def suggest(self, trial_id):
+        self.n += 1
+        return {"x": self.n}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+    def set_search_properties(self, *a, **k):
+        return True
+
+
+def test_pooled_limiters_share_one_total_and_survive_pickling():
+    import pickle
+
+    POOLS["exp"] = TrialPool(2)
+    try:
+        a = PooledLimiter(_Searcher(), max_concurrent=2, pool="exp", member="a")
+        b = PooledLimiter(_Searcher(), max_concurrent=2, pool="exp", member="b")
+        POOLS["exp"].join("a"), POOLS["exp"].join("b")
+        assert a.suggest("a1") is not None
+        assert b.suggest("b1") is not None
+        assert a.suggest("a2") is None and b.suggest("b2") is None  # 2 running: the pool is full
+        a.on_trial_complete("a1")
+        assert b.suggest("b3") is not None  # b waited: the freed slot is b's
+        again = pickle.loads(pickle.dumps(a))  # Tune pickles its searcher (tuner.pkl): the pool goes by name
+        assert again.pool == "exp" and again.member == "a"
+    finally:
+        POOLS.pop("exp", None)
+
+
+# ------------------------------------------------------------------------------------------------ Pareto front
+def _points():
+    return pd.DataFrame([
+        {"dataset": "d", "trial_id": "t1", "sampler": "official", "sample_steps": 250, "num_samples": 1,
+         "val_macro_f1": 0.80, COST: 40.0},
+        {"dataset": "d", "trial_id": "t1", "sampler": "ddim", "sample_steps": 10, "num_samples": 1,
+         "val_macro_f1": 0.79, COST: 4.0},
+        {"dataset": "d", "trial_id": "t2", "sampler": "ddim", "sample_steps": 10, "num_samples": 1,
+         "val_macro_f1": 0.70, COST: 5.0},   # beaten by t1 ddim 10 on both
+        {"dataset": "d", "trial_id": "t2", "sampler": "ddpm", "sample_steps": 1000, "num_samples": 1,
+         "val_macro_f1": 0.82, COST: 150.0},
+        {"dataset": "e", "trial_id": "t3", "sampler": "ddim", "sample_steps": 5, "num_samples": 1,
+         "val_macro_f1": 0.50, COST: 999.0},  # another dataset: its own front
+    ])
+
+
+def test_the_front_holds_the_points_nothing_beats_on_both():
+    front = mark_front(_points(), "val_macro_f1", "max")
+    assert front["on_front"].tolist() == [True, True, False, True, True]
+    # for a metric to minimise the order flips
+    lower = mark_front(_points().assign(val_ece=[0.1, 0.2, 0.05, 0.3, 0.1]), "val_ece", "min")
+    assert lower["on_front"].tolist() == [False, True, True, False, True]
+
+
+@pytest.mark.parametrize("budget, expected", [(None, ("t2", "ddpm")), (50.0, ("t1", "official")),
+                                              (4.5, ("t1", "ddim")), (1.0, None)])
+def test_the_chosen_point_is_the_best_within_the_cost_budget(budget, expected):
+    point = choose(_points(), "d", "val_macro_f1", "max", budget)
+    assert (None if point is None else (point["trial_id"], point["sampler"])) == expected
+
+
+def test_a_points_settings_follow_the_trials_own_chain():
+    cfg = {"diffusion": {"timesteps": 100, "sample_steps": 250, "beta_steps": 1000, "num_samples": 2}}
+    assert settings({"sampler": "official"}, cfg) == {"sampler": "official", "sample_steps": 250, "num_samples": 2}
+    assert settings({"sampler": "ddpm"}, cfg)["sample_steps"] == 100
+    assert settings({"sampler": "ddim", "sample_steps": 10, "num_samples": 1}, cfg) == \
+        {"sampler": "ddim", "sample_steps": 10, "num_samples": 1}
+
+
+@pytest.mark.parametrize("grid, expected", [
+    ({"sampler": "ddim"}, "expected a list"),
+    ([{"sampler": "euler"}], "search.pareto[0]"),
+    ([{"sampler": "ddim", "steps": 10}], "search.pareto[0]"),
+    ([{"sampler": "ddim", "sample_steps": 0}], "sample_steps must be an integer >= 1"),
+    ([{"sampler": "ddim", "sample_steps": 500}], "exceed the smallest diffusion.timesteps searched (100)"),
+])
+def test_a_bad_sampler_grid_is_one_line(grid, expected):
+    with pytest.raises(ParetoError, match=None) as e:
+        check_grid(grid, [100, 250])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ finalists
+def test_finalists_are_the_best_distinct_configurations_each_repeated_with_new_seeds():
+    summary = pd.DataFrame({"a": [1, 1, 2, 3], "b": ["x", "x", "y", "z"], "val_f1": [0.9, 0.8, 0.7, math.nan]})
+    configs = top_configs(summary, ["a", "b"], "val_f1", "max", 3)
+    assert configs == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]  # a duplicate and a trial without the metric skipped
+    assert top_configs(summary, ["a", "b"], "val_f1", "min", 1) == [{"a": 2, "b": "y"}]
+    runs = plan_runs(configs, 2, seed=5)
+    assert [(r["config"], r["repeat"], r["seed"]) for r in runs] == \
+        [(0, 0, 5 + SEED_STRIDE), (0, 1, 5 + 2 * SEED_STRIDE), (1, 0, 5 + SEED_STRIDE), (1, 1, 5 + 2 * SEED_STRIDE)]
+    assert len({r["name"] for r in runs}) == 4
+    # a run's name depends on its configuration only, not on its rank: a resumed search never continues one
+    # configuration's checkpoints under another's name
+    assert plan_runs(configs[::-1], 2, seed=5)[0]["name"] == runs[2]["name"]

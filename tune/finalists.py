@@ -1,0 +1,102 @@
+"""Finalists confirmed over seeds: the best trial of a short search is partly seed luck.
+
+`search.finalists=K search.repeats=R`: after a dataset's search, its K best distinct configurations (on the selection
+rule) are trained R more times each, for the full epoch budget, with seeds other than the search's and the same data
+split. Each configuration gets the mean and sd of every validation metric over its repeats; the configuration with
+the best mean is selected, and its best repeat is the model that is tested (once) and exported. The runs are plain
+Ray Train runs named after their configuration and repeat, so a resumed search continues each from its checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+
+from diffmic.metrics import SCALAR_METRICS
+
+SEED_STRIDE = 7919  # repeat r trains with seed + (r + 1) * SEED_STRIDE: never the search's own seed
+
+
+def top_configs(summary: pd.DataFrame, keys: list[str], metric: str, mode: str, k: int) -> list[dict]:
+    """The k best distinct configurations among the trials that reported the metric."""
+    ranked = summary[summary[metric].notna()].sort_values(metric, ascending=mode == "min") if metric in summary \
+        else summary.iloc[0:0]
+    seen, out = set(), []
+    for _, row in ranked.iterrows():
+        params = {key: _plain(row[key]) for key in keys}
+        fingerprint = json.dumps(params, sort_keys=True)
+        if fingerprint not in seen:
+            seen.add(fingerprint)
+            out.append(params)
+        if len(out) == k:
+            break
+    return out
+
+
+def plan_runs(configs: list[dict], repeats: int, seed: int) -> list[dict]:
+    """One entry per (configuration, repeat): its parameters, seed and a name that names exactly that run."""
+    runs = []
+    for i, params in enumerate(configs):
+        tag = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+        for r in range(repeats):
+            runs.append({"config": i, "params": params, "repeat": r, "seed": seed + (r + 1) * SEED_STRIDE,
+                         "name": f"finalist-{tag}-r{r}"})
+    return runs
+
+
+def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | None, dict]:
+    """(finalists.csv rows of the dataset, the selected run as a summary-like row, {val_<m>_mean, val_<m>_sd} of the
+    selected configuration). Nothing when the search has no finalists to confirm."""
+    from diffmic.config import split_seed, with_values
+    from diffmic.secrets import redact_config
+    from tune.distributed import build_trainer
+    from tune.runner import max_concurrent
+    from tune.storage import open_storage
+
+    s = search.cfg["search"]
+    metric, mode, keys = s["metric"], s["mode"], [p.key for p in search.params]
+    configs = top_configs(summary, keys, metric, mode, s["finalists"])
+    if not configs or not s["repeats"]:
+        return pd.DataFrame(), None, {}
+    base = redact_config(search.cfg)
+    # The data split stays the search's: a repeat's seed changes the initialisation and the batches, not which
+    # images are validation or test.
+    pinned = {"dataset.split_seed": split_seed(search.cfg)}
+    storage = open_storage(search.storage.join(search.record.finalists_key(search.dataset)), check=False)
+    runs = plan_runs(configs, s["repeats"], int(search.cfg["seed"]))
+    print(f"[search] {search.dataset}: confirming {len(configs)} finalists x {s['repeats']} repeats", flush=True)
+
+    def train(run: dict) -> dict:
+        cfg = with_values(base, {**run["params"], **pinned, "seed": run["seed"]})
+        result = build_trainer(cfg, storage, name=run["name"]).fit()
+        if result.error:
+            raise result.error
+        reported = [m for _, m in (result.best_checkpoints or []) if m.get(metric) is not None]
+        best = (max if mode == "max" else min)(reported, key=lambda m: m[metric]) if reported else {}
+        return {"dataset": search.dataset, "config": run["config"], **run["params"], "repeat": run["repeat"],
+                "seed": run["seed"], "trial_id": run["name"],
+                **{f"val_{m}": best.get(f"val_{m}") for m in SCALAR_METRICS},
+                "best_epoch": best.get("epoch"),
+                "checkpoint_path": result.checkpoint.path if result.checkpoint is not None else None}
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(runs), max_concurrent(search.cfg)))) as pool:
+        frame = pd.DataFrame(list(pool.map(train, runs)))
+    means = frame.groupby("config")[metric].mean()
+    chosen = int(means.idxmax() if mode == "max" else means.idxmin())
+    mine = frame[(frame["config"] == chosen) & frame[metric].notna() & frame["checkpoint_path"].notna()]
+    if mine.empty:
+        return frame, None, {}
+    selected = mine.loc[mine[metric].idxmax() if mode == "max" else mine[metric].idxmin()]
+    stats = {}
+    for m in SCALAR_METRICS:
+        values = pd.to_numeric(frame.loc[frame["config"] == chosen, f"val_{m}"], errors="coerce")
+        stats[f"val_{m}_mean"] = float(values.mean())
+        stats[f"val_{m}_sd"] = float(values.std(ddof=1)) if values.notna().sum() > 1 else float("nan")
+    return frame, selected, stats
+
+
+def _plain(value):
+    """A pandas/numpy scalar as the plain Python value a config holds."""
+    return value.item() if hasattr(value, "item") else value
