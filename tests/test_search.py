@@ -819,7 +819,12 @@ def _study_trials(db: Path, state: str | None) -> int:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_two_datasets_two_studies_two_best_rows(ray_tmp, tmp_path):
+def test_two_datasets_at_once_pareto_front_and_finalists(ray_tmp, tmp_path):
+    """Issue 14 on a real (local) Ray cluster: two datasets searched at the same time, each with its own study;
+    every trial measured at two sampler points (pareto.csv, a front per dataset); the best configuration re-trained
+    twice with other seeds (finalists.csv, mean and sd in best.csv, one test row); a chosen point exported."""
+    import pandas as pd
+
     configs = tmp_path / "configs"  # a second dataset that exists only for this test: another seed of synthetic
     (configs / "dataset").mkdir(parents=True)
     (configs / "preset").mkdir()
@@ -829,8 +834,10 @@ def test_two_datasets_two_studies_two_best_rows(ray_tmp, tmp_path):
     shutil.copy(ROOT / "configs" / "preset" / "synthetic.yaml", configs / "preset" / "synthetic_b.yaml")
     storage = tmp_path / "results"
     run = _search(["datasets=[synthetic,synthetic_b]", f"hydra.searchpath=[file://{configs}]", "experiment=two",
-                   "search.num_samples=1", "search.scheduler=none", f"storage.uri={storage}", "export=false",
-                   *tiny()], ray_tmp, "two.log")
+                   "search.num_samples=1", "search.scheduler=none", f"storage.uri={storage}",
+                   "search.finalists=1", "search.repeats=2",
+                   "search.pareto=[{sampler:official},{sampler:ddim,sample_steps:3}]",
+                   *tiny("search.max_concurrent_trials=2", "report=true")], ray_tmp, "two.log")
     _ok(run)
     out = storage / "two"
     for name in ("synthetic", "synthetic_b"):
@@ -838,12 +845,57 @@ def test_two_datasets_two_studies_two_best_rows(ray_tmp, tmp_path):
             studies = [r[0] for r in con.execute("select study_name from studies")]
             assert studies == [f"two-{name}"]
             assert con.execute("select count(*) from trials").fetchone()[0] == 1
+            assert con.execute("select count(*) from trial_intermediate_values").fetchone()[0] >= 1
         assert (out / name).is_dir()  # a Tune experiment per dataset
-    best = _csv(out / "best.csv")
-    assert sorted(best["dataset"]) == ["synthetic", "synthetic_b"]
-    assert best["test_macro_f1"].notna().all() and best["checkpoint_uri"].notna().all()
+
+    # At once: the two datasets' trials ran at the same time.
     summary = _csv(out / "summary.csv")
     assert sorted(summary["dataset"]) == ["synthetic", "synthetic_b"]
+    a, b = (summary[summary["dataset"] == d].iloc[0] for d in ("synthetic", "synthetic_b"))
+    assert a.started_at < b.ended_at and b.started_at < a.ended_at, summary[["dataset", "started_at", "ended_at"]]
+    # ... each under a Tune trainable of its own (under one shared name, one dataset's trials ran with the other's
+    # config)
+    for name in ("synthetic", "synthetic_b"):
+        assert [p.name.split(f"run_trial_{name}_")[0] for p in (out / name).glob("run_trial_*")] == [""]
+
+    # Pareto: a row per (trial or finalist run) x point, a front per dataset, costs measured.
+    pareto = _csv(out / "pareto.csv")
+    assert {"dataset", "trial_id", "sampler", "sample_steps", "num_samples", "val_macro_f1", "predict_ms_per_image",
+            "denoiser_calls_per_image", "on_front"} <= set(pareto.columns)
+    for name in ("synthetic", "synthetic_b"):
+        mine = pareto[pareto["dataset"] == name]
+        trials = set(summary.loc[summary["dataset"] == name, "trial_id"])
+        assert trials <= set(mine["trial_id"])
+        assert len(mine) == 2 * mine["trial_id"].nunique()
+        assert mine["on_front"].astype(bool).any()
+        ddim = mine[mine["sampler"] == "ddim"]
+        assert (ddim["sample_steps"] == 3).all() and (ddim["denoiser_calls_per_image"] == 3).all()
+        assert (mine["predict_ms_per_image"] > 0).all()
+
+    # Finalists: 2 runs of the one finalist per dataset, other seeds than the search's; one test row per dataset.
+    finalists = _csv(out / "finalists.csv")
+    assert sorted(finalists.groupby("dataset").size().tolist()) == [2, 2]
+    assert (finalists["seed"] != 1234).all() and finalists.groupby("dataset")["seed"].nunique().eq(2).all()
+    best = _csv(out / "best.csv")
+    assert sorted(best["dataset"]) == ["synthetic", "synthetic_b"]
+    assert best["test_macro_f1"].notna().all()
+    assert {"val_macro_f1_mean", "val_macro_f1_sd", "sampler", "predict_ms_per_image"} <= set(best.columns)
+    for _, row in best.iterrows():
+        runs = finalists[finalists["dataset"] == row["dataset"]]
+        assert row["trial_id"] in set(runs["trial_id"])  # the tested model is a finalist run
+        assert row["val_macro_f1_mean"] == pytest.approx(runs["val_macro_f1"].mean())
+    page = (out / "report.html").read_text()
+    assert "Pareto front" in page and "mean ± sd" in page
+
+    # Export of a chosen point: its bundle predicts with that sampler by default.
+    trial = summary.loc[summary["dataset"] == "synthetic", "trial_id"].iloc[0]
+    r = subprocess.run([sys.executable, "-m", "diffmic.export", str(out), "--dataset", "synthetic", "--trial", trial,
+                        "--sampler", "ddim", "--steps", "3", "--to", str(tmp_path / "point")], cwd=ROOT,
+                       env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((tmp_path / "point" / "bundle.json").read_text())
+    assert meta["sampler"]["sampler"] == "ddim" and meta["sampler"]["sample_steps"] == 3
+    assert pd.notna(json.loads(r.stdout.splitlines()[-1])["test_macro_f1"])
 
 
 @pytest.mark.integration

@@ -277,13 +277,13 @@ def print_tables(summary, best, record, report: bool) -> None:
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
-        cols = [c for c in summary.columns if c not in ("checkpoint_path",)]
+        cols = [c for c in summary.columns if c not in ("checkpoint_path", "started_at", "ended_at")]
         shown = [c for c in cols if not c.startswith("val_") or c in ("val_macro_f1", "val_accuracy", "val_dcg_accuracy")]
         print(f"\n== trials ({len(summary)}) ==\n{summary[shown].to_string(index=False)}")
         if len(best):
             keep = [c for c in best.columns if not c.startswith(("val_", "test_")) or c in
-                    ("val_macro_f1", "val_accuracy", "test_macro_f1", "test_accuracy", "test_balanced_accuracy",
-                     "test_kappa", "test_auc", "test_dcg_accuracy")]
+                    ("val_macro_f1", "val_accuracy", "val_macro_f1_mean", "val_macro_f1_sd", "test_macro_f1",
+                     "test_accuracy", "test_balanced_accuracy", "test_kappa", "test_auc", "test_dcg_accuracy")]
             print(f"\n== best model per dataset (chosen on validation, tested once) ==\n{best[keep].T.to_string(header=False)}")
     where = f"\nresults: {record.uri}/{{summary,best}}.csv"
     print(where + (f", report: {record.uri}/report.html" if report else ""), flush=True)
