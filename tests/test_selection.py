@@ -160,3 +160,23 @@ def test_finalists_are_the_best_distinct_configurations_each_repeated_with_new_s
     # a run's name depends on its configuration only, not on its rank: a resumed search never continues one
     # configuration's checkpoints under another's name
     assert plan_runs(configs[::-1], 2, seed=5)[0]["name"] == runs[2]["name"]
+
+
+def test_an_experiment_of_the_earlier_trainable_name_resumes_only_alone():
+    """Before datasets ran at once every trainable was named run_trial; Tune restores an experiment only under its
+    trainable's name, and two experiments under one name in one driver would mix their configs."""
+    from types import SimpleNamespace
+
+    from tune.runner import LEGACY_NAME, legacy_name, trial_function
+
+    assert trial_function("isic2018").__name__ == "run_trial_isic2018"
+    search = SimpleNamespace(dataset="a", record=SimpleNamespace(uri="mem://exp"))
+    POOLS["mem://exp"] = pool = TrialPool(2)
+    try:
+        pool.join("a"), pool.join("b")
+        with pytest.raises(ValueError, match=r"resume one dataset at a time \(datasets=\[a\]\)"):
+            legacy_name(search)
+        pool.leave("b")
+        assert legacy_name(search) == LEGACY_NAME
+    finally:
+        POOLS.pop("mem://exp", None)

@@ -93,8 +93,13 @@ def measure_trials(search, summary: pd.DataFrame) -> pd.DataFrame:
     task = ray.remote(**task_resources(search.cfg))(measure_trial)
     trials = summary[summary[CHECKPOINT].notna()]
     pending = {row["trial_id"]: task.remote(search.record.checkpoint_uri(row), grid) for _, row in trials.iterrows()}
-    rows = [{"dataset": search.dataset, "trial_id": trial_id, **r}
-            for trial_id, ref in pending.items() for r in ray.get(ref)]
+    rows = []
+    for trial_id, ref in pending.items():
+        try:
+            rows += [{"dataset": search.dataset, "trial_id": trial_id, **r} for r in ray.get(ref)]
+        except Exception as e:  # noqa: BLE001 (one trial's checkpoint must not cost the search its results)
+            print(f"[search] {search.dataset}: trial {trial_id} not measured at the sampler points: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
     frame = pd.DataFrame(rows)
     return mark_front(frame, search.cfg["search"]["metric"], search.cfg["search"]["mode"]) if len(frame) else frame
 

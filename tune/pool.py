@@ -52,6 +52,11 @@ class TrialPool:
             if member in self._live:
                 self._live[member] = live
 
+    def members(self) -> list[str]:
+        """The datasets still searching."""
+        with self._lock:
+            return sorted(self._active)
+
     def running(self) -> dict[str, int]:
         with self._lock:
             return dict(self._live)

@@ -65,15 +65,32 @@ def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
         raise result.error
 
 
-def trial_function(dataset: str):
+LEGACY_NAME = "run_trial"  # every dataset's trainable had this name before datasets were searched at once
+
+
+def trial_function(dataset: str, name: str | None = None):
     """run_trial under a name of the dataset's own: Tune registers trainables by name, once per process, and the
     datasets' searches run at once in one driver; under one shared name a dataset's trials ran with another's
     config (seen: synthetic trials training on APTOS images)."""
     def trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
         run_trial(params, base_cfg, checkpoints_uri)
 
-    trial.__name__ = trial.__qualname__ = f"run_trial_{dataset}"
+    trial.__name__ = trial.__qualname__ = name or f"run_trial_{dataset}"
     return trial
+
+
+def legacy_name(search: DatasetSearch) -> str:
+    """An experiment started by an earlier version names its trainable LEGACY_NAME, and Tune restores it only under
+    that name; that is safe while no other dataset's search runs in this driver."""
+    from tune.pool import POOLS
+
+    pool = POOLS.get(search.record.uri)
+    others = [m for m in (pool.members() if pool else []) if m != search.dataset]
+    if others:
+        raise ValueError(f"dataset {search.dataset}: its Tune experiment was started by an earlier diffmic, whose "
+                         f"trials all share the trainable name {LEGACY_NAME!r}, so it cannot resume beside "
+                         f"{', '.join(others)}: resume one dataset at a time (datasets=[{search.dataset}])")
+    return LEGACY_NAME
 
 
 def local_study(search: DatasetSearch) -> None:
@@ -147,20 +164,29 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
     root = open_storage(search.storage.join(search.experiment), check=False)
     path = root.fs_path if fs is not None else root.ray_storage_path
     exp_path = f"{path}/{search.dataset}"
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_function(search.dataset), base_cfg=redact_config(search.cfg),  # the study's DB
-                             checkpoints_uri=search.storage.join(search.checkpoints_rel)),  # URL stays here
-        TRIAL_RESOURCES,
-    )
+
+    def trainable(name: str | None = None):
+        return tune.with_resources(
+            tune.with_parameters(trial_function(search.dataset, name), base_cfg=redact_config(search.cfg),
+                                 checkpoints_uri=search.storage.join(search.checkpoints_rel)),  # the study's DB
+            TRIAL_RESOURCES,                                                                    # URL stays here
+        )
+
     local_study(search)
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         verify_ray_state(search.storage, search.rel, search.record.state_key(search.dataset),  # checked in plan
                          trust=search.cfg["trust_ray_state"])  # too; again here, just before Ray reads them
         print(f"[search] {search.dataset}: resuming {search.storage.join(search.rel)}", flush=True)
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
+        try:
+            tuner = tune.Tuner.restore(exp_path, trainable(), resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=fs)
+        except ValueError as e:
+            if f"expected '{LEGACY_NAME}'" not in str(e):
+                raise
+            tuner = tune.Tuner.restore(exp_path, trainable(legacy_name(search)), resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=fs)
     else:
-        tuner = new_tuner(search, trainable, path, fs)
+        tuner = new_tuner(search, trainable(), path, fs)
     try:
         return tuner.fit()
     finally:  # trials that ASHA stopped last leave staging directories no later worker on this node will sweep

@@ -246,7 +246,12 @@ def search_dataset(s, export: bool, pool) -> dict:
     out["pareto"] = points = pareto.measure_trials(s, summary)
     repeats = {}
     if knobs["finalists"]:
-        out["finalists"], selected, repeats = finalists.confirm(s, summary)
+        try:
+            out["finalists"], selected, repeats = finalists.confirm(s, summary)
+        except Exception as e:  # noqa: BLE001 (the search's own results are still written)
+            print(f"[search] {s.dataset}: the finalists failed ({type(e).__name__}: {e}); the search's best trial "
+                  "is tested and exported instead; run the same command again to retry them", flush=True)
+            selected = None
         if selected is not None:
             best = selected
             # The selected run is measured at the sampler points too: its own point within the cost budget is
