@@ -272,7 +272,9 @@ def search_dataset(s, export: bool, pool) -> dict:
         best = summary[summary["trial_id"].astype(str) == str(point["trial_id"])].iloc[0]
     sampling = pareto.sampling_of(point)
     tested = test_best(s, best, s.record.best_bundle_uri(s.dataset) if export else None, sampling)
-    cost = {k: float(point[k]) for k in (pareto.COST, "denoiser_calls_per_image")} if point is not None else None
+    # The point's own validation figure (what it was chosen on) beside its cost; val_* stay the trial's best epoch.
+    cost = {f"point_{metric}": float(point[metric]), **{k: float(point[k]) for k in (pareto.COST,
+            "denoiser_calls_per_image")}} if point is not None else None
     out["best"] = best_entry(best, [p.key for p in s.params], tested["test"], tested["class_names"],
                              tested["checkpoint_uri"], tested["bundle_uri"], sampling, cost, repeats)
     return out
