@@ -894,7 +894,7 @@ def test_two_datasets_at_once_pareto_front_and_finalists(ray_tmp, tmp_path):
 
     # Export of a chosen point: its bundle predicts with that sampler by default.
     trial = summary.loc[summary["dataset"] == "synthetic", "trial_id"].iloc[0]
-    r = subprocess.run([sys.executable, "-m", "diffmic.export", str(out), "--dataset", "synthetic", "--trial", trial,
+    r = subprocess.run([sys.executable, "-m", "tune.export", str(out), "--dataset", "synthetic", "--trial", trial,
                         "--sampler", "ddim", "--steps", "3", "--to", str(tmp_path / "point")], cwd=ROOT,
                        env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
