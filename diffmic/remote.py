@@ -5,6 +5,7 @@ registers itself under the entry-point group ``diffmic`` (this project's pyproje
 
     fetch = "module:function"   fetch(uri, cache_dir) -> Path   a local copy of a remote file or folder
     fit   = "module:function"   fit(cfg) -> dict                one configuration through Ray Train
+    export = "module:function"  export(argv)                    `python -m diffmic.export`: bundles from a search's record
 
 Without them the core trains, evaluates and predicts from local files in one process.
 """

@@ -132,6 +132,13 @@ def test_isic_csv_carves_test_and_val(tmp_path):
     assert paths(again.val) == paths(s.val) and paths(again.test) == paths(s.test)
     other = build_splits({**cfg, "split_seed": 1})
     assert paths(other.val) != paths(s.val) and paths(other.test) != paths(s.test)
+    # another validation carve (finalists with search.repeat_mode=folds): val moves, stratified; test stays
+    fold = build_splits({**cfg, "val_carve": 1})
+    assert paths(fold.test) == paths(s.test) and paths(fold.val) != paths(s.val)
+    assert fold.class_counts()["val"] == [1] * 7 and not set(paths(fold.val)) & set(paths(fold.train))
+    assert build_splits({**cfg, "val_carve": 0}).val.paths == s.val.paths  # 0 is the usual carve
+    with pytest.raises(DataError, match=r"dataset.val_carve = -1 is invalid; expected an integer >= 0"):
+        build_splits({**cfg, "val_carve": -1})
     names = [type(t).__name__ for t in s.train.transform.transforms]
     assert "RandomHorizontalFlip" in names and "RandomVerticalFlip" not in names  # ISIC: H-flip only
 

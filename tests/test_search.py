@@ -838,6 +838,9 @@ def test_two_datasets_at_once_pareto_front_and_finalists(ray_tmp, tmp_path):
     assert "\nseed: 0 " in text
     (configs / "dataset" / "synthetic_b.yaml").write_text(text.replace("\nseed: 0 ", "\nseed: 7 "))
     shutil.copy(ROOT / "configs" / "preset" / "synthetic.yaml", configs / "preset" / "synthetic_b.yaml")
+    (configs / "search_preset").mkdir()  # synthetic_b confirms its finalist over validation carves, not seeds
+    (configs / "search_preset" / "synthetic_b.yaml").write_text(
+        (ROOT / "configs" / "search_preset" / "synthetic.yaml").read_text() + "search:\n  repeat_mode: folds\n")
     storage = tmp_path / "results"
     run = _search(["datasets=[synthetic,synthetic_b]", f"hydra.searchpath=[file://{configs}]", "experiment=two",
                    "search.num_samples=1", "search.scheduler=none", f"storage.uri={storage}",
@@ -877,10 +880,13 @@ def test_two_datasets_at_once_pareto_front_and_finalists(ray_tmp, tmp_path):
         assert (ddim["sample_steps"] == 3).all() and (ddim["denoiser_calls_per_image"] == 3).all()
         assert (mine["predict_ms_per_image"] > 0).all()
 
-    # Finalists: 2 runs of the one finalist per dataset, other seeds than the search's; one test row per dataset.
+    # Finalists: 2 runs of the one finalist per dataset: other seeds than the search's (synthetic), or its seed on
+    # two other validation carves (synthetic_b, repeat_mode=folds); one test row per dataset.
     finalists = _csv(out / "finalists.csv")
     assert sorted(finalists.groupby("dataset").size().tolist()) == [2, 2]
-    assert (finalists["seed"] != 1234).all() and finalists.groupby("dataset")["seed"].nunique().eq(2).all()
+    seeds, folds = (finalists[finalists["dataset"] == d] for d in ("synthetic", "synthetic_b"))
+    assert (seeds["seed"] != 1234).all() and seeds["seed"].nunique() == 2 and (seeds["val_carve"] == 0).all()
+    assert (folds["seed"] == 1234).all() and sorted(folds["val_carve"]) == [1, 2]
     best = _csv(out / "best.csv")
     assert sorted(best["dataset"]) == ["synthetic", "synthetic_b"]
     assert best["test_macro_f1"].notna().all()
@@ -894,7 +900,7 @@ def test_two_datasets_at_once_pareto_front_and_finalists(ray_tmp, tmp_path):
 
     # Export of a chosen point: its bundle predicts with that sampler by default.
     trial = summary.loc[summary["dataset"] == "synthetic", "trial_id"].iloc[0]
-    r = subprocess.run([sys.executable, "-m", "tune.export", str(out), "--dataset", "synthetic", "--trial", trial,
+    r = subprocess.run([sys.executable, "-m", "diffmic.export", str(out), "--dataset", "synthetic", "--trial", trial,
                         "--sampler", "ddim", "--steps", "3", "--to", str(tmp_path / "point")], cwd=ROOT,
                        env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -160,6 +160,10 @@ def test_finalists_are_the_best_distinct_configurations_each_repeated_with_new_s
     # a run's name depends on its configuration only, not on its rank: a resumed search never continues one
     # configuration's checkpoints under another's name
     assert plan_runs(configs[::-1], 2, seed=5)[0]["name"] == runs[2]["name"]
+    # folds: the search's seed, validation carves 1..R, names apart from the seeds runs
+    folds = plan_runs(configs, 2, seed=5, mode="folds")
+    assert [(r["seed"], r["val_carve"]) for r in folds] == [(5, 1), (5, 2)] * 2
+    assert not {r["name"] for r in folds} & {r["name"] for r in runs}
 
 
 def test_an_experiment_of_the_earlier_trainable_name_resumes_only_alone():
@@ -180,3 +184,16 @@ def test_an_experiment_of_the_earlier_trainable_name_resumes_only_alone():
         assert legacy_name(search) == LEGACY_NAME
     finally:
         POOLS.pop("mem://exp", None)
+
+
+def test_a_bad_repeat_mode_is_one_line_naming_it():
+    import yaml
+
+    from diffmic.cli import CONFIG_DIR
+    from tune.search import check_knobs
+    from tune.space import SearchError
+
+    knobs = yaml.safe_load((CONFIG_DIR / "search" / "default.yaml").read_text())
+    check_knobs(knobs)  # the defaults pass
+    with pytest.raises(SearchError, match=r"^search.repeat_mode='fold': expected seeds or folds$"):
+        check_knobs({**knobs, "repeat_mode": "fold"})

@@ -1,8 +1,9 @@
 """Finalists confirmed over seeds: the best trial of a short search is partly seed luck.
 
 `search.finalists=K search.repeats=R`: after a dataset's search, its K best distinct configurations (on the selection
-rule) are trained R more times each, for the full epoch budget, with seeds other than the search's and the same data
-split. Each configuration gets the mean and sd of every validation metric over its repeats; the configuration with
+rule) are trained R more times each, for the full epoch budget: with `search.repeat_mode=seeds`, with seeds other than
+the search's and the same data split; with `folds`, with the search's seed and R other stratified carves of the
+validation split (`dataset.val_carve` 1..R; the test split does not move, so the one test stays untouched). Each configuration gets the mean and sd of every validation metric over its repeats; the configuration with
 the best mean is selected, and its best repeat is the model that is tested (once) and exported. The runs are plain
 Ray Train runs named after their configuration and repeat, so a resumed search continues each from its checkpoints.
 """
@@ -17,6 +18,7 @@ import pandas as pd
 from diffmic.metrics import SCALAR_METRICS
 
 SEED_STRIDE = 7919  # repeat r trains with seed + (r + 1) * SEED_STRIDE: never the search's own seed
+REPEAT_MODES = ("seeds", "folds")
 
 
 def top_configs(summary: pd.DataFrame, keys: list[str], metric: str, mode: str, k: int) -> list[dict]:
@@ -35,14 +37,19 @@ def top_configs(summary: pd.DataFrame, keys: list[str], metric: str, mode: str, 
     return out
 
 
-def plan_runs(configs: list[dict], repeats: int, seed: int) -> list[dict]:
-    """One entry per (configuration, repeat): its parameters, seed and a name that names exactly that run."""
+def plan_runs(configs: list[dict], repeats: int, seed: int, mode: str = "seeds") -> list[dict]:
+    """One entry per (configuration, repeat): its parameters, seed, validation carve and a name that names exactly
+    that run (folds runs are named apart from seeds runs: they are other models)."""
     runs = []
     for i, params in enumerate(configs):
         tag = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
         for r in range(repeats):
-            runs.append({"config": i, "params": params, "repeat": r, "seed": seed + (r + 1) * SEED_STRIDE,
-                         "name": f"finalist-{tag}-r{r}"})
+            if mode == "folds":
+                runs.append({"config": i, "params": params, "repeat": r, "seed": seed, "val_carve": r + 1,
+                             "name": f"finalist-{tag}-f{r}"})
+            else:
+                runs.append({"config": i, "params": params, "repeat": r, "seed": seed + (r + 1) * SEED_STRIDE,
+                             "val_carve": 0, "name": f"finalist-{tag}-r{r}"})
     return runs
 
 
@@ -61,22 +68,24 @@ def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | No
     if not configs or not s["repeats"]:
         return pd.DataFrame(), None, {}
     base = redact_config(search.cfg)
-    # The data split stays the search's: a repeat's seed changes the initialisation and the batches, not which
-    # images are validation or test.
+    # The split seed stays the search's: a seeds repeat changes the initialisation and the batches, a folds repeat
+    # only which training images are validation; neither moves the test split.
     pinned = {"dataset.split_seed": split_seed(search.cfg)}
     storage = open_storage(search.storage.join(search.record.finalists_key(search.dataset)), check=False)
-    runs = plan_runs(configs, s["repeats"], int(search.cfg["seed"]))
-    print(f"[search] {search.dataset}: confirming {len(configs)} finalists x {s['repeats']} repeats", flush=True)
+    runs = plan_runs(configs, s["repeats"], int(search.cfg["seed"]), s["repeat_mode"])
+    print(f"[search] {search.dataset}: confirming {len(configs)} finalists x {s['repeats']} repeats "
+          f"({s['repeat_mode']})", flush=True)
 
     def train(run: dict) -> dict:
-        cfg = with_values(base, {**run["params"], **pinned, "seed": run["seed"]})
+        cfg = with_values(base, {**run["params"], **pinned, "seed": run["seed"],
+                                 "dataset.val_carve": run["val_carve"]})
         result = build_trainer(cfg, storage, name=run["name"]).fit()
         if result.error:
             raise result.error
         reported = [m for _, m in (result.best_checkpoints or []) if m.get(metric) is not None]
         best = (max if mode == "max" else min)(reported, key=lambda m: m[metric]) if reported else {}
         return {"dataset": search.dataset, "config": run["config"], **run["params"], "repeat": run["repeat"],
-                "seed": run["seed"], "trial_id": run["name"],
+                "seed": run["seed"], "val_carve": run["val_carve"], "trial_id": run["name"],
                 **{f"val_{m}": best.get(f"val_{m}") for m in SCALAR_METRICS},
                 "best_epoch": best.get("epoch"),
                 "checkpoint_path": result.checkpoint.path if result.checkpoint is not None else None}

@@ -50,6 +50,7 @@ def check_search(cfg: dict, known: list[str] | None = None) -> None:
 def check_knobs(s: dict) -> None:
     """One dataset's `search` section."""
     from diffmic.metrics import SCALAR_METRICS
+    from tune.finalists import REPEAT_MODES
     from tune.space import SearchError
 
     def need(key: str, ok: bool, expected: str) -> None:
@@ -73,6 +74,7 @@ def check_knobs(s: dict) -> None:
     for key in ("finalists", "repeats"):
         need(key, isinstance(s[key], int) and not isinstance(s[key], bool) and s[key] >= 0, "an integer >= 0")
     need("repeats", not s["finalists"] or s["repeats"] >= 1, "an integer >= 1 when search.finalists > 0")
+    need("repeat_mode", s["repeat_mode"] in REPEAT_MODES, " or ".join(REPEAT_MODES))
 
 
 def known_datasets(overrides: list[str]) -> list[str] | None:

@@ -39,10 +39,12 @@ def build_splits(cfg: Mapping, seed: int = 0) -> DataSplits:
 
     Everything that can be checked without training is checked here, so bad input fails before any cluster work
     with one DataError line. The carves (test from train when the source has no test split, then val from train)
-    are stratified and seeded by `split_seed`; `seed` is used only when `split_seed` is null.
+    are stratified and seeded by `split_seed`; `seed` is used only when `split_seed` is null. `val_carve` > 0 draws
+    another validation carve from the same training pool, leaving the test split where it is.
     """
     c = resolve_config(cfg)
     split_seed = c["split_seed"] if c["split_seed"] is not None else int(seed)
+    val_stream = [split_seed, _VAL_STREAM] + ([c["val_carve"]] if c["val_carve"] else [])
     size, mean, std, aug = c["image_size"], c["mean"], c["std"], c["augment"]
     tf_train = train_transform(size, aug["hflip"], aug["vflip"], aug["rotation"], mean, std)
     tf_eval = eval_transform(size, mean, std)
@@ -52,7 +54,7 @@ def build_splits(cfg: Mapping, seed: int = 0) -> DataSplits:
         names = list(c["class_names"] or synthetic.class_names(n_cls))
         labels = synthetic.label_of(np.arange(c["num_train"]), n_cls)
         _check_train_classes(labels, names, f"the synthetic train split (num_train = {c['num_train']})")
-        keep, val = stratified_carve(labels, c["val_fraction"], [split_seed, _VAL_STREAM])
+        keep, val = stratified_carve(labels, c["val_fraction"], val_stream)
         _nonempty("val", len(val), f"val_fraction = {c['val_fraction']} of {c['num_train']} training examples")
 
         def make(idx, split_id, tf):
@@ -74,7 +76,7 @@ def build_splits(cfg: Mapping, seed: int = 0) -> DataSplits:
     else:
         te_p, te_y = list(src.test_paths), src.test_labels
         _nonempty("test", len(te_p), f"the test source of {where} lists no image")
-    keep, val = stratified_carve(tr_y, c["val_fraction"], [split_seed, _VAL_STREAM])
+    keep, val = stratified_carve(tr_y, c["val_fraction"], val_stream)
     _nonempty("val", len(val), f"val_fraction = {c['val_fraction']} of {len(tr_y)} training examples")
     _nonempty("train", len(keep), f"all {len(tr_y)} training examples went to val")
     check_images(all_paths, c["verify_images"], where)

@@ -86,6 +86,7 @@ def resolve_config(cfg: Mapping | None) -> dict:
     c["test_fraction"] = _fraction(c, "test_fraction", "share of the data carved as test when there is no test split")
     if c["split_seed"] is not None:
         c["split_seed"] = _int(c, "split_seed", 0)
+    c["val_carve"] = _int(c, "val_carve", 0)
     aug = c["augment"]
     if not isinstance(aug, dict):
         raise DataError(f"dataset.augment = {aug!r} is invalid; expected a mapping with hflip, vflip, rotation")
