@@ -1,8 +1,9 @@
-"""What the command-line entry points share: the config directory and one-line errors for bad input."""
+"""What the command-line entry points share: the config directory, one-line errors for bad input, progress."""
 from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,3 +76,43 @@ def check_overrides(config_name: str, overrides: list[str], program: str) -> Non
         message = text.split(" See https://")[0]
     print(f"{program}: error: {redact(message)}", file=sys.stderr)
     sys.exit(2)
+
+
+class Progress:
+    """Progress over `total` items on stderr, never stdout (whose lines are the results): tqdm's bar with its ETA on
+    a terminal when there are more than `min_total` items; otherwise (a job's log) a plain line at most every `every`
+    seconds, so that a short run adds nothing to the log and a long one a few lines."""
+
+    def __init__(self, total: int, unit: str, program: str, min_total: int = 0, every: float = 30.0):
+        self.total, self.unit, self.program, self.every = total, unit, program, every
+        self.done, self.start = 0, time.monotonic()
+        self.last = self.start
+        use_bar = sys.stderr.isatty() and total > min_total
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True) if use_bar else None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            from tqdm import tqdm
+            line = tqdm.format_meter(self.done, self.total, now - self.start, unit=self.unit,
+                                     bar_format="{n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]")
+            print(f"{self.program}: {line}", file=sys.stderr, flush=True)
+
+    def echo(self, line: str, file=None) -> None:
+        """A line on `file` (stdout by default) that the bar, if any, moves out of the way of."""
+        file = file or sys.stdout
+        (self.bar.write if self.bar is not None else print)(line, file=file)
+        file.flush()  # a reader of the pipe sees each prediction as it is made
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -2,13 +2,14 @@
 
 Evaluates a trained model on a split of its dataset. PATH is a run directory, its `checkpoint/` or `model/`, or an
 exported bundle. Any `key=value` overrides the stored config (sampler settings, `dataset.root` when the data moved).
-Prints the metrics as JSON; `output=FILE` also writes them.
+Prints the metrics as JSON; `output=FILE` also writes them. Progress goes to stderr.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from diffmic.cli import one_line_errors
@@ -63,6 +64,20 @@ def measure(model, dataset, cfg: dict, session, seed: int, temperature: float | 
     return {**metrics, "predict_ms_per_image": 1000.0 * elapsed / images, "denoiser_calls_per_image": rows / images}
 
 
+@contextmanager
+def progress_over_images(model, total: int, min_total: int):
+    """Progress (diffmic.cli.Progress) over the images engine.evaluate predicts, counted as the model's DCG sees
+    them (one pass per batch): engine.evaluate has no progress hook of its own."""
+    from diffmic.cli import Progress
+
+    with Progress(total, "images", "diffmic.evaluate", min_total) as progress:
+        handle = model.dcg.register_forward_hook(lambda module, args, output: progress.update(len(output.fused)))
+        try:
+            yield progress
+        finally:
+            handle.remove()
+
+
 def main(argv: list[str] | None = None) -> None:
     given = argv if argv is not None else sys.argv[1:]
     with one_line_errors("diffmic.evaluate"):
@@ -86,10 +101,11 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"split={split!r}: expected train, val or test")
         data = build_splits(cfg["dataset"], seed=split_seed(cfg))
         session = Session(amp=cfg["train"]["amp"])
+        dataset = getattr(data, split)
         start = time.perf_counter()
-        metrics = evaluate(model.to(session.device), getattr(data, split), cfg, session, cfg["seed"],
-                           temperature=temperature)
-        metrics.update(split=split, images=len(getattr(data, split)), seconds=round(time.perf_counter() - start, 2),
+        with progress_over_images(model, len(dataset), min_total=cfg["train"]["eval_batch_size"]):
+            metrics = evaluate(model.to(session.device), dataset, cfg, session, cfg["seed"], temperature=temperature)
+        metrics.update(split=split, images=len(dataset), seconds=round(time.perf_counter() - start, 2),
                        sampler=cfg["diffusion"]["sampler"], sample_steps=cfg["diffusion"]["sample_steps"])
         from diffmic.checkpoint import to_jsonable
         text = json.dumps(to_jsonable(metrics), indent=1)

@@ -2,8 +2,10 @@
 
 Classifies images with an exported bundle (a local directory, a run directory holding `model/`, or `s3://…`).
 Prints one line per image: path, predicted class, its probability, the predictive entropy over S sampled chains (and,
-for S > 1, their spread), and every class probability. `--output FILE` writes the same as CSV. An unreadable image is
-named on stderr and skipped; the exit code is then 1 (0: all predicted; 2: bad arguments or bundle).
+for S > 1, their spread), and every class probability. `--output FILE` writes the same as CSV; `--explain DIR` writes
+one figure per image into DIR (diffmic.explain: the DCG's class-activation map and crops, the spread of the chains).
+Progress goes to stderr. An unreadable image is named on stderr and skipped; the exit code is then 1 (0: all
+predicted; 2: bad arguments or bundle).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +22,11 @@ import torch
 
 import diffmic
 from diffmic.bundle import MANIFEST, META, Bundle, BundleError, load_bundle, verify_bundle
-from diffmic.cli import one_line_errors
+from diffmic.cli import Progress, one_line_errors
 from diffmic.data import DataError, eval_transform, load_image
 from diffmic.diffusion import SAMPLERS
+from diffmic.explain import explanations_from, overlay_png
+from diffmic.models import Prediction
 from diffmic.remote import fetch, is_remote
 
 PROGRAM = "diffmic.predict"
@@ -94,8 +98,12 @@ def resolve_settings(bundle: Bundle, sampler: str | None, steps: int | None, eta
 
 def iter_predictions(bundle: Bundle, paths: Sequence[str], sampler: str | None = None, steps: int | None = None,
                      eta: float | None = None, num_samples: int | None = None, batch_size: int = 32,
-                     device: str | None = None, seed: int = 0) -> Iterator[dict | Failure]:
-    """One CSV-ready row (or a Failure) per path, in order within each batch; failures come before their batch."""
+                     device: str | None = None, seed: int = 0,
+                     on_batch: Callable[[list[str], torch.Tensor, Prediction], None] | None = None
+                     ) -> Iterator[dict | Failure]:
+    """One CSV-ready row (or a Failure) per path, in order within each batch; failures come before their batch.
+    `on_batch(paths, inputs, prediction)` sees each batch's prediction (its guidance: the DCG's CAMs and crops)
+    before the batch's rows are yielded."""
     sampler, steps, eta, num_samples = resolve_settings(bundle, sampler, steps, eta, num_samples)
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: expected at least 1")
@@ -116,8 +124,10 @@ def iter_predictions(bundle: Bundle, paths: Sequence[str], sampler: str | None =
                 yield Failure(path, str(e))
         if not tensors:
             continue
-        pred = model.predict(torch.stack(tensors).to(device), sampler, steps, eta, num_samples, generator,
-                             bundle.temperature)
+        inputs = torch.stack(tensors).to(device)
+        pred = model.predict(inputs, sampler, steps, eta, num_samples, generator, bundle.temperature)
+        if on_batch is not None:
+            on_batch(ok, inputs, pred)
         probs, entropy, spread = (t.float().cpu().tolist() for t in (pred.probs, pred.entropy, pred.sample_std))
         for i, path in enumerate(ok):
             best = max(range(len(names)), key=probs[i].__getitem__)
@@ -134,6 +144,30 @@ def predict_paths(bundle: Bundle, paths: Sequence[str], sampler: str | None = No
     for item in iter_predictions(bundle, paths, sampler, steps, eta, num_samples, batch_size, device, seed):
         (failures if isinstance(item, Failure) else rows).append(item)
     return rows, failures
+
+
+def explanation_writer(bundle: Bundle, directory: str) -> Callable[[list[str], torch.Tensor, Prediction], None]:
+    """An `on_batch` for iter_predictions that writes each image's figure (diffmic.explain.overlay_png) into
+    `directory`, named after the image: stem.png, then stem-1.png, stem-2.png for the same stem met again."""
+    target = Path(directory).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--explain {directory}: exists and is not a directory")
+    target.mkdir(parents=True, exist_ok=True)
+    pre, used = bundle.meta["preprocessing"], set()
+
+    def write(paths: list[str], inputs: torch.Tensor, prediction: Prediction) -> None:
+        explanations = explanations_from(bundle.model, inputs, prediction, pre["mean"], pre["std"],
+                                         bundle.temperature)
+        for path, explanation in zip(paths, explanations):
+            stem, n = Path(path).stem, 0
+            name = f"{stem}.png"
+            while name in used:
+                n += 1
+                name = f"{stem}-{n}.png"
+            used.add(name)
+            overlay_png(explanation, bundle.class_names, target / name)
+
+    return write
 
 
 def format_row(row: dict, class_names: Sequence[str], num_samples: int) -> str:
@@ -173,6 +207,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--explain", metavar="DIR", help="also write one figure per image into DIR: where the model "
+                   "looks (CAM and crops) and the spread of its samples")
     return p.parse_args(argv)
 
 
@@ -185,15 +221,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = open_bundle(args.model)
         names = bundle.class_names
         sampler, steps, eta, samples = resolve_settings(bundle, args.sampler, args.steps, args.eta, args.samples)
-        for item in iter_predictions(bundle, paths, sampler, steps, eta, samples, args.batch_size, args.device,
-                                     args.seed):
-            if isinstance(item, Failure):
-                failures += 1
-                reason = item.error if item.path in item.error else f"{item.path}: {item.error}"
-                print(f"{PROGRAM}: skipped: {reason}", file=sys.stderr, flush=True)
-            else:
-                rows.append(item)
-                print(format_row(item, names, samples), flush=True)
+        on_batch = explanation_writer(bundle, args.explain) if args.explain else None
+        with Progress(len(paths), "images", PROGRAM, min_total=args.batch_size) as progress:
+            for item in iter_predictions(bundle, paths, sampler, steps, eta, samples, args.batch_size, args.device,
+                                         args.seed, on_batch):
+                if isinstance(item, Failure):
+                    failures += 1
+                    reason = item.error if item.path in item.error else f"{item.path}: {item.error}"
+                    progress.echo(f"{PROGRAM}: skipped: {reason}", sys.stderr)
+                else:
+                    rows.append(item)
+                    progress.echo(format_row(item, names, samples))
+                progress.update()
         if args.output:
             write_csv(args.output, rows, names)
     if failures:

@@ -86,6 +86,24 @@ def make_optuna_study(path: Path, name: str, trials: pd.DataFrame) -> None:
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(t["val_macro_f1"])))
 
 
+def fake_explanations(record: Record, ds: str, n: int = 4, k: int = 2) -> None:
+    """What the search leaves for the "where it looks" panel: n test images of 48 px, k crops of 16 px each."""
+    import io
+
+    from PIL import Image
+
+    items, images = [], []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((192, 192, 3), 40 * i, np.uint8)).save(buffer, format="PNG")
+        samples = [[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.6, 0.3, 0.1]]
+        items.append({"size": [48, 48], "boxes": [[8 * j, 8 * j, 8 * j + 16, 8 * j + 16] for j in range(k)],
+                      "probs": [0.6, 0.267, 0.133], "sample_probs": samples, "predicted": 0, "label": i % 3,
+                      "cam": [[0.0, 1.0], [0.5, 0.2]]})
+        images.append(buffer.getvalue())
+    record.write_explanations(ds, items, images)
+
+
 def make_experiment(root: Path, name: str = "exp1", datasets=("synthetic", "isic"), trials: int = 6,
                     optuna_for=("synthetic",), best_for=("synthetic", "isic"), all_error=()) -> int:
     """A fake search under root/name (the last dataset's last trial errored); returns the number of trials."""
@@ -105,6 +123,7 @@ def make_experiment(root: Path, name: str = "exp1", datasets=("synthetic", "isic
             make_optuna_study(root / name / "optuna" / f"{ds}.db", f"{name}-{ds}", ok)
         if ds in best_for and len(ok):
             best_json[ds] = fake_best(root, ds, ok.loc[ok["val_macro_f1"].idxmax()])
+            fake_explanations(record, ds)
     record.write_table("summary", pd.concat(summary, ignore_index=True))
     record.write_table("history", pd.DataFrame(history))
     record.write_best(best_json)
@@ -144,6 +163,24 @@ def test_report_is_self_contained_and_complete(experiment, monkeypatch):
     assert page.count('class="plotly-graph-div"') == 2 * 7 - 1  # 7 plots a dataset; isic has no Optuna study
     assert "No Optuna study stored at exp1/optuna/isic.db" in page
     assert "Parameter importances" in page and "6 completed trials" in page
+    # where the best model looks: a figure per image shown, its crops as boxes, its spread over the chains
+    panel = re.search(r'<section id="where-it-looks">.*?</section>', page, re.S).group(0)
+    assert panel.count("<figure") == 2 * 4 and panel.count("<rect class=roi") == 2 * 4 * 2
+    assert "p = 0.600 ± 0.100 over 3 samples" in panel and panel.count("wrong</b>") == 2 * 2
+
+
+def test_where_it_looks_keeps_tampered_boxes_inside_their_image(experiment):
+    root, name, _ = experiment
+    index = root / name / "explain" / "synthetic" / "index.json"
+    items = json.loads(index.read_text())
+    items[0].update(boxes=[[-50, 10, 900, 30]], predicted=99, image="../../best.json")
+    items[1].update(label="<b>")  # not a class index: that figure is left out, the page still comes
+    index.write_text(json.dumps(items))
+    page = build_report(Record.at(str(root / name)))
+    panel = re.search(r'<section id="where-it-looks">.*?</section>', page, re.S).group(0)
+    assert '<rect class=roi x="0" y="10" width="48" height="20">' in panel  # clamped to the 48 px image
+    assert panel.count("<figure") == 2 * 4 - 1
+    assert "&lt;b&gt;" not in panel and "trial_id" not in panel  # nothing of best.json came in as an image
 
 
 def test_secret_in_the_data_is_redacted(experiment, monkeypatch):
@@ -266,7 +303,24 @@ def test_cli_serve(experiment):
         assert url, "no 'serving http://127.0.0.1:PORT/' line"
         with urllib.request.urlopen(url, timeout=30) as r:
             body = r.read().decode()
-        assert r.status == 200 and body == out.read_text() and "plotly.js v" in body
+        text = out.read_text()
+        assert r.status == 200 and "plotly.js v" in body
+        # the file as written, with the script that reloads it when it changes, which /version tells
+        with urllib.request.urlopen(url + "version", timeout=30) as r:
+            version = r.read().decode()
+        script = body[body.rindex("<script>(function(){var v="):body.rindex("</body>")]
+        assert body.replace(script, "") == text and f'"{version}"' in script
+        out.write_text(text.replace("</body>", "<p id=changed>changed</p></body>"))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with urllib.request.urlopen(url + "version", timeout=30) as r:
+                if r.read().decode() != version:
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("/version did not change after the page was rewritten")
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert "<p id=changed>" in r.read().decode()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
     finally:
@@ -374,6 +428,16 @@ def test_page_renders_in_headless_chromium(tmp_path):
             assert [float(v) for v in column(i)] == sorted(values, reverse=True)
         headers[names.index("trial_id")].click()
         assert column(names.index("trial_id")) == sorted(column(names.index("trial_id")))
+
+        # where it looks: one figure per image shown, its crops drawn inside the image
+        figures = driver.find_elements(By.CSS_SELECTOR, "#where-it-looks figure")
+        assert len(figures) == page.count('<figure class="look')
+        for figure in figures:
+            image = figure.find_element(By.CSS_SELECTOR, "svg.look-img image").rect
+            assert image["width"] >= 100 and image["height"] >= 100
+            for box in (b.rect for b in figure.find_elements(By.CSS_SELECTOR, "svg.look-img rect.roi")):
+                assert image["x"] - 1 <= box["x"] and box["x"] + box["width"] <= image["x"] + image["width"] + 1
+                assert image["y"] - 1 <= box["y"] and box["y"] + box["height"] <= image["y"] + image["height"] + 1
 
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors

@@ -12,7 +12,10 @@
     <root>/<experiment>/optuna/<dataset>.db      each dataset's Optuna study (SQLite)
     <root>/<experiment>/state/<dataset>.json     what a new head needs to resume (tune/resume.py): ASHA's rungs,
                                                  the signatures of Ray's state files
-    <root>/<experiment>/report.html              the results page (tune/report.py)
+    <root>/<experiment>/report.html              the results page (tune/report.py; rewritten while the search runs)
+    <root>/<experiment>/explain/<dataset>/       where the best model looks: index.json and a heat-map PNG of each
+                                                 test image shown (diffmic/explain.py)
+    <root>/<experiment>/tensorboard/<dataset>/<trial_id>/   TensorBoard event files of each trial (tune/tracking.py)
     <root>/<experiment>/<dataset>/               Ray Tune's experiment: trials and their checkpoints
     <root>/<experiment>/finalists/<dataset>/     the finalists' Ray Train runs and their checkpoints
     <root>/<experiment>/best/<dataset>/          this experiment's best model of each dataset (a bundle)
@@ -39,7 +42,7 @@ from tune.storage import Storage, StorageError, open_storage
 from tune.storage.base import clean_rel
 
 FORMAT = 1
-SEARCH, BEST_DETAILS, REPORT = "search.json", "best.json", "report.html"
+SEARCH, BEST_DETAILS, REPORT, EXPLAIN = "search.json", "best.json", "report.html", "explain"
 TABLES = ("summary", "history", "best", "pareto", "finalists")
 PER_DATASET = ("summary", "history", "pareto", "finalists")  # tables with a row per dataset's trial, run or point
 CHECKPOINT = "checkpoint_path"  # the summary column that holds a trial's best checkpoint (as Ray reports it)
@@ -147,12 +150,38 @@ class Record:
         self.write_search({**{d: o for d, o in others.items() if d not in searches}, **searches}, started,
                           wall_time_s)
 
+    def write_explanations(self, dataset: str, items: list[dict], images: list[bytes]) -> None:
+        """Where the dataset's best model looks: one JSON entry and one PNG per test image shown."""
+        for i, png in enumerate(images):
+            self.storage.write_bytes(self.key(EXPLAIN, dataset, f"{i}.png"), png)
+        self.storage.write_text(self.key(EXPLAIN, dataset, "index.json"), json.dumps(to_jsonable(
+            [{**item, "image": f"{i}.png"} for i, item in enumerate(items)])))
+
+    def read_explanations(self, dataset: str) -> list[tuple[dict, bytes]]:
+        """(entry, PNG) of each image shown; [] when there are none. Only the PNGs this layout names are read."""
+        try:
+            items = json.loads(self.storage.read_text(self.key(EXPLAIN, dataset, "index.json")))
+        except FileNotFoundError:
+            return []
+        out = []
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            if isinstance(item, dict):
+                try:
+                    out.append((item, self.storage.read_bytes(self.key(EXPLAIN, dataset, f"{i}.png"))))
+                except FileNotFoundError:
+                    continue
+        return out
+
     def write_study(self, dataset: str, db: bytes) -> None:
         self.storage.write_bytes(self.study_key(dataset), db)
 
     def write_report(self, page: str) -> str:
         self.storage.write_text(self.key(REPORT), page)
         return self.storage.join(self.experiment, REPORT)
+
+    def read_report(self) -> bytes:
+        """The page as it is now (FileNotFoundError when there is none yet)."""
+        return self.storage.read_bytes(self.key(REPORT))
 
     # ------------------------------------------------------------ reading
     def read_search(self) -> dict:
@@ -241,6 +270,7 @@ class Results:
     best: dict                  # best.json: {dataset: best_entry}
     pareto: pd.DataFrame = field(default_factory=pd.DataFrame)     # one row per trial and sampler point
     finalists: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per finalist run
+    live: dict = field(default_factory=dict)  # a running search (tune/live.py): dataset -> its progress
     searches: dict = field(init=False)
 
     def __post_init__(self) -> None:

@@ -22,7 +22,8 @@ from plotly.subplots import make_subplots
 from diffmic.secrets import redact
 from tune.record import Results
 
-STATUS_COLOURS = {"COMPLETED": "#2a9d8f", "STOPPED_EARLY": "#f4a261", "ERROR": "#e63946", "NO_RESULT": "#8d99ae"}
+STATUS_COLOURS = {"COMPLETED": "#2a9d8f", "STOPPED_EARLY": "#f4a261", "ERROR": "#e63946", "NO_RESULT": "#8d99ae",
+                  "RUNNING": "#457b9d", "PENDING": "#ced4da"}  # the last two on a running search's page
 TOP_K = 5
 
 
@@ -95,16 +96,34 @@ def header(res: Results) -> str:
                                               f"{d['num_samples']} trials, {d['epochs_per_trial']} epochs each")),
              ("Started", started), ("Wall time", hms(meta.get("wall_time_s"))),
              ("Trials", f"{len(s)}" + (f" ({counts})" if counts else "")),
-             ("CPU-hours", f"{s['cpu_hours'].sum():.3g}"), ("GPU-hours", f"{s['gpu_hours'].sum():.3g}")]
+             *((k, f"{s[c].sum():.3g}" if c in s else "0") for k, c in (("CPU-hours", "cpu_hours"),
+                                                                          ("GPU-hours", "gpu_hours")))]
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
     nav = " · ".join(f'<a href="#ds-{esc(d)}">{esc(d)}</a>' for d in res.datasets)
-    return (f"<header><h1>DiffMIC search: {esc(res.experiment)}</h1><table class=facts>{rows}</table>"
+    return (f"<header><h1>DiffMIC search: {esc(res.experiment)}</h1>{live_status(res)}<table class=facts>{rows}</table>"
             f'<p>{nav} · <a href="#trials">all trials</a></p><p class=note>CPU/GPU-hours: the trials\' own compute '
             "(wall time × resources); the final test of each best trial is not counted.</p></header>")
 
 
+def live_status(res: Results) -> str:
+    """A running search (tune/live.py): where each dataset stands, and where its study opens live."""
+    if not res.live:
+        return ""
+    from tune.live import describe_progress
+
+    items = "".join(f"<li><b>{esc(d)}</b>: {esc(describe_progress(p))}</li>" for d, p in res.live.items())
+    studies = "".join(f"<li><code>optuna-dashboard {esc(p['study'])}</code></li>" for p in res.live.values())
+    return (f"<div id=live-status class=live><p><b>This search is running</b>; the page is rewritten as trials end "
+            f"(open it with <code>python tune/report.py {esc(res.record.uri)} --serve</code> to see it reload "
+            f"itself).</p><ul>{items}</ul><p class=note>The studies, live (on the node that runs the search):</p>"
+            f"<ul class=note>{studies}</ul></div>")
+
+
 def best_section(res: Results, dataset: str) -> str:
     b = res.best.get(dataset)
+    if not b and res.live:
+        return "<h3>Best trial</h3>" + note("Chosen on validation, tested once and exported when the dataset's "
+                                            "search ends.")
     if not b:
         statuses = ", ".join(f"{n} {k}" for k, n in res.trials(dataset)["status"].value_counts().items())
         return "<h3>Best trial</h3>" + note(f"No best trial for {dataset}: no trial reported {res.metric(dataset)} with a "
@@ -321,7 +340,7 @@ def trial_table(res: Results) -> str:
 
 
 # ---------------------------------------------------------------- the page
-CSS = """body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1400px;padding:0 24px 48px;color:#222}
+CSS = """.live{background:#eef5fb;border-left:4px solid #457b9d;padding:4px 14px;margin:8px 0}body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1400px;padding:0 24px 48px;color:#222}
 h1{margin:20px 0 8px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:40px}h3{margin:28px 0 6px}
 table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left;font-size:14px}
 table.facts th{color:#555}tr.sub th{background:#f4f4f4}.small td{font-variant-numeric:tabular-nums}
@@ -364,9 +383,14 @@ def dataset_section(res: Results, dataset: str) -> str:
 
 def render(res: Results) -> str:
     """The page: plotly.js inline once, then each section; AWS secrets of this environment redacted."""
-    body = header(res) + "".join(dataset_section(res, d) for d in res.datasets) + trial_table(res)
+    from tune import render_looks  # here: that module uses this one's helpers
+
+    body = (header(res) + "".join(dataset_section(res, d) for d in res.datasets)
+            + render_looks.where_it_looks_section(res) + trial_table(res))
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>DiffMIC search {esc(res.experiment)}"
-            f"</title><meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style>"
+            f"</title><meta name=viewport content='width=device-width,initial-scale=1'>"
+            # a running search's page reloads itself now and then wherever it is opened (file, S3 console, --serve)
+            f"{'<meta http-equiv=refresh content=60>' if res.live else ''}<style>{CSS}{render_looks.CSS}</style>"
             f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>{body}<footer class=note>'
             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by tune/report.py.</footer>"
             f"<script>{SORT_JS}</script></body></html>")

@@ -19,41 +19,50 @@ if TYPE_CHECKING:
 
 def trial_frames(search: DatasetSearch, grid) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary: one row per trial, history: one row per reported epoch) for one dataset's ResultGrid."""
+    rows, history = [], []
+    for result in grid:
+        df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        row, hist = trial_row(search, trial_id, result.config, df, result.error is not None)
+        rows.append(row)
+        if hist is not None:
+            history.append(hist)
+    return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
+
+
+def trial_row(search: DatasetSearch, trial_id: str, config: dict, df: pd.DataFrame, error: bool
+              ) -> tuple[dict, pd.DataFrame | None]:
+    """A trial's summary row and its history rows, from its reported results (one row per report, as Tune's
+    metrics_dataframe); the live report (tune/live.py) builds them the same way from what it has seen so far."""
     s, t, scaling = search.cfg["search"], search.cfg["train"], search.cfg["scaling"]
     metric, mode = s["metric"], s["mode"]
     workers = max(1, scaling["num_workers"])
     per_worker = dict(scaling["resources_per_worker"] or {})
     cpus = per_worker.get("CPU", 1) * workers
     gpus = (per_worker.get("GPU", 1) if scaling["use_gpu"] else 0) * workers
-    rows, history = [], []
-    for result in grid:
-        df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        wall = float(df["time_total_s"].max()) if "time_total_s" in df else math.nan
-        if "epoch" in df:  # a run restarted after its last epoch reports that epoch again (engine.train): keep the
-            df = df.drop_duplicates("epoch", keep="first").reset_index(drop=True)  # first, it carries the checkpoint
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        params = {p.key: result.config.get(p.key) for p in search.params}
-        row = {"dataset": search.dataset, "trial_id": trial_id, **params, **interval(df)}
-        if metric in df.columns and df[metric].notna().any():
-            # The first epoch of the best value, as the engine picks it (ties go to the earlier epoch).
-            best = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
-            # The trial's latest checkpoint: Ray Train always keeps it (num_to_keep drops only others, and may drop
-            # the best epoch's own when scores tie), and it carries the weights of the best epoch so far.
-            with_ckpt = df[df[CHECKPOINT].notna()] if CHECKPOINT in df else df.iloc[0:0]
-            checkpoint = with_ckpt[CHECKPOINT].iloc[-1] if len(with_ckpt) else None
-            epochs = int(df["epoch"].max())
-            row.update({c: best[c] for c in df.columns if c.startswith("val_") and not isinstance(best[c], list)})
-            row.update(best_epoch=int(best["epoch"]), epochs_run=epochs, checkpoint_path=checkpoint,
-                       wall_time_s=wall, cpu_hours=wall * cpus / 3600, gpu_hours=wall * gpus / 3600)
-            stopped = result.error is None and epochs < t["epochs"]
-            row["stopped_early"] = stopped
-            row["status"] = "ERROR" if result.error else ("STOPPED_EARLY" if stopped else "COMPLETED")
-            keep = [c for c in df.columns if c in ("epoch", "time_total_s") or c.startswith(("val_", "train_"))]
-            history.append(df[keep].assign(dataset=search.dataset, trial_id=trial_id))
-        else:
-            row.update(status="ERROR" if result.error else "NO_RESULT", epochs_run=0, stopped_early=False)
-        rows.append(row)
-    return pd.DataFrame(rows), (pd.concat(history, ignore_index=True) if history else pd.DataFrame())
+    wall = float(df["time_total_s"].max()) if "time_total_s" in df else math.nan
+    if "epoch" in df:  # a run restarted after its last epoch reports that epoch again (engine.train): keep the
+        df = df.drop_duplicates("epoch", keep="first").reset_index(drop=True)  # first, it carries the checkpoint
+    params = {p.key: config.get(p.key) for p in search.params}
+    row = {"dataset": search.dataset, "trial_id": trial_id, **params, **interval(df)}
+    if metric in df.columns and df[metric].notna().any():
+        # The first epoch of the best value, as the engine picks it (ties go to the earlier epoch).
+        best = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
+        # The trial's latest checkpoint: Ray Train always keeps it (num_to_keep drops only others, and may drop
+        # the best epoch's own when scores tie), and it carries the weights of the best epoch so far.
+        with_ckpt = df[df[CHECKPOINT].notna()] if CHECKPOINT in df else df.iloc[0:0]
+        checkpoint = with_ckpt[CHECKPOINT].iloc[-1] if len(with_ckpt) else None
+        epochs = int(df["epoch"].max())
+        row.update({c: best[c] for c in df.columns if c.startswith("val_") and not isinstance(best[c], list)})
+        row.update(best_epoch=int(best["epoch"]), epochs_run=epochs, checkpoint_path=checkpoint,
+                   wall_time_s=wall, cpu_hours=wall * cpus / 3600, gpu_hours=wall * gpus / 3600)
+        stopped = not error and epochs < t["epochs"]
+        row["stopped_early"] = stopped
+        row["status"] = "ERROR" if error else ("STOPPED_EARLY" if stopped else "COMPLETED")
+        keep = [c for c in df.columns if c in ("epoch", "time_total_s") or c.startswith(("val_", "train_"))]
+        return row, df[keep].assign(dataset=search.dataset, trial_id=trial_id)
+    row.update(status="ERROR" if error else "NO_RESULT", epochs_run=0, stopped_early=False)
+    return row, None
 
 
 def interval(df: pd.DataFrame) -> dict:
@@ -93,16 +102,17 @@ def open_checkpoint(checkpoint_uri: str, sampling: dict | None = None):
 
 
 def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dict, replace: bool = False,
-                    sampling: dict | None = None) -> dict:
+                    sampling: dict | None = None, explain: bool = False) -> dict:
     """Test metrics of a checkpoint's evaluation weights (EMA / best validation), and optionally the bundle
     exported from those same weights to `export_uri` (a directory or s3:// prefix), predicting by default with
-    `sampling` (a Pareto point; None: the trial's own settings). Needs no Ray: `test_best` runs it as a task,
-    `tune.export` runs it here."""
+    `sampling` (a Pareto point; None: the trial's own settings), and (`explain`) where the model looks on a few test
+    images of each class. Needs no Ray: `test_best` runs it as a task, `tune.export` runs it here."""
     from diffmic.bundle import MANIFEST, write_bundle
     from diffmic.engine import evaluate
 
     cfg, data, model, temperature, state, session = open_checkpoint(checkpoint_uri, sampling)
     test = evaluate(model, data.test, cfg, session, generator_seed=cfg["seed"], temperature=temperature)
+    looks = where_it_looks(model, data.test, cfg, temperature, session.device) if explain else None
     val = state["best"]["metrics"] if state.get("best") else {}
     if export_uri is not None:
         dest = open_storage(export_uri, check=False)
@@ -116,7 +126,19 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
                                   to_jsonable({"val": val, "test": test}), provenance)
             dest.upload_dir(bundle, "", last=(MANIFEST,))
     sampling = {k: cfg["diffusion"][k] for k in ("sampler", "sample_steps", "num_samples")}
-    return {"test": to_jsonable(test), "class_names": data.class_names, "sampling": sampling}
+    return {"test": to_jsonable(test), "class_names": data.class_names, "sampling": sampling, "explain": looks}
+
+
+def where_it_looks(model, dataset, cfg: dict, temperature: float, device) -> dict:
+    """The report's "where it looks" panel: a few test images per class (right and wrong), each with the DCG's CAM
+    and ROI crops as the prediction used them and its spread over the S chains (diffmic/explain.py)."""
+    from diffmic.data.config import resolve_config
+    from diffmic.explain import explain_split, heatmap_png
+
+    d, pre = cfg["diffusion"], resolve_config(cfg["dataset"])
+    shown = explain_split(model, dataset, pre["mean"], pre["std"], d["sampler"], d["sample_steps"], d["eta"],
+                          d["num_samples"], temperature, device, seed=cfg["seed"])
+    return {"items": [e.to_json() for e in shown], "images": [heatmap_png(e) for e in shown]}
 
 
 def task_resources(cfg: dict) -> dict:
@@ -137,7 +159,8 @@ def test_best(search: DatasetSearch, best: pd.Series, export_uri: str | None, sa
     about = provenance(search.experiment, search.dataset, best, [p.key for p in search.params], checkpoint_uri,
                        search.cfg["search"]["metric"])
     task = ray.remote(**task_resources(search.cfg))(test_and_export)
-    out = ray.get(task.remote(checkpoint_uri, export_uri, about, True, sampling))  # a resumed search exports again
+    # a resumed search exports again
+    out = ray.get(task.remote(checkpoint_uri, export_uri, about, True, sampling, explain=True))
     return {**out, "bundle_uri": export_uri, "checkpoint_uri": checkpoint_uri}
 
 

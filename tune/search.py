@@ -43,8 +43,13 @@ def check_search(cfg: dict, known: list[str] | None = None) -> None:
             raise SearchError(f"roots.{name}={root!r}: {name!r} is not searched; expected one of datasets="
                               f"[{', '.join(datasets)}]")
     check_name("experiment", cfg["experiment"])
-    if not isinstance(cfg["trust_ray_state"], bool):
-        raise SearchError(f"trust_ray_state={cfg['trust_ray_state']!r}: expected true or false")
+    for key in ("trust_ray_state", "report", "export"):
+        if not isinstance(cfg[key], bool):
+            raise SearchError(f"{key}={cfg[key]!r}: expected true or false")
+    every = cfg["report_every_s"]
+    if not isinstance(every, (int, float)) or isinstance(every, bool) or every <= 0:
+        raise SearchError(f"report_every_s={every!r}: expected seconds > 0 (how often the live report may be "
+                          "rewritten)")
 
 
 def check_knobs(s: dict) -> None:
@@ -157,6 +162,7 @@ def search(cfg: dict, overrides: list[str]) -> None:
     import pandas as pd
 
     from tune.distributed import init_ray
+    from tune.live import LiveReport
     from tune.pool import POOLS, TrialPool
     from tune.record import PER_DATASET, Record, describe
     from tune.runner import max_concurrent
@@ -169,7 +175,14 @@ def search(cfg: dict, overrides: list[str]) -> None:
     # Every dataset's search runs at once on the same cluster, sharing search.max_concurrent_trials (tune/pool.py).
     pool = POOLS[record.uri] = TrialPool(max_concurrent(cfg))
     print(f"[search] {len(searches)} dataset(s) at once, at most {pool.total} trials at a time", flush=True)
-    outcomes = run_concurrently([lambda s=s: search_dataset(s, cfg["export"], pool) for s in searches])
+    live = LiveReport(record, searches, started, cfg["report_every_s"], write=cfg["report"]).start()
+    if cfg["report"]:
+        print(f"[search] live report: {record.uri}/report.html (python tune/report.py {record.uri} --serve)",
+              flush=True)
+    try:
+        outcomes = run_concurrently([lambda s=s: search_dataset(s, cfg["export"], pool, live) for s in searches])
+    finally:
+        live.close()  # before the final page, which a live one must not overwrite
     tables = {name: pd.concat([o[name] for o in outcomes if len(o[name])], ignore_index=True)
               if any(len(o[name]) for o in outcomes) else pd.DataFrame() for name in PER_DATASET}
     details = {o["dataset"]: o["best"] for o in outcomes if o["best"] is not None}
@@ -218,7 +231,7 @@ def run_concurrently(jobs: list) -> list:
     return results
 
 
-def search_dataset(s, export: bool, pool) -> dict:
+def search_dataset(s, export: bool, pool, live) -> dict:
     """One dataset, start to end: its Tune experiment, each trial at every sampler point (pareto.csv), the
     finalists' repeats, the selected model tested once and exported. Returns its tables and best.json entry."""
     import pandas as pd
@@ -235,6 +248,7 @@ def search_dataset(s, export: bool, pool) -> dict:
     finally:
         pool.leave(s.dataset)
     summary, history = trial_frames(s, grid)
+    live.phase(s.dataset, "measuring the trials at the sampler points")
     out = {"dataset": s.dataset, "summary": summary, "history": history, "pareto": pd.DataFrame(),
            "finalists": pd.DataFrame(), "best": None}
     if not s.cfg["search"]["optuna_storage"] and s.optuna_db().exists():
@@ -248,6 +262,7 @@ def search_dataset(s, export: bool, pool) -> dict:
     out["pareto"] = points = pareto.measure_trials(s, summary)
     repeats = {}
     if knobs["finalists"]:
+        live.phase(s.dataset, "confirming the finalists")
         try:
             out["finalists"], selected, repeats = finalists.confirm(s, summary)
         except Exception as e:  # noqa: BLE001 (the search's own results are still written)
@@ -273,7 +288,10 @@ def search_dataset(s, export: bool, pool) -> dict:
     if point is not None and only is None:
         best = summary[summary["trial_id"].astype(str) == str(point["trial_id"])].iloc[0]
     sampling = pareto.sampling_of(point)
+    live.phase(s.dataset, "testing the chosen model" + (" and exporting it" if export else ""))
     tested = test_best(s, best, s.record.best_bundle_uri(s.dataset) if export else None, sampling)
+    if tested.get("explain"):
+        s.record.write_explanations(s.dataset, tested["explain"]["items"], tested["explain"]["images"])
     # The point's own validation figure (what it was chosen on) beside its cost; val_* stay the trial's best epoch.
     cost = {f"point_{metric}": float(point[metric]), **{k: float(point[k]) for k in (pareto.COST,
             "denoiser_calls_per_image")}} if point is not None else None

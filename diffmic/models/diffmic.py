@@ -27,6 +27,7 @@ class Prediction:
     entropy: torch.Tensor      # N, predictive entropy of `probs` (nats)
     sample_std: torch.Tensor   # N, std over samples of the predicted class's probability (0 for one sample)
     samples: torch.Tensor      # S×N×C, the chains' raw outputs ŷ0 (to fit the temperature on)
+    guidance: DCGOutput | None = None  # the DCG's own pass over the images: CAMs and crop positions (diffmic.explain)
 
 
 class DiffMIC(nn.Module):
@@ -112,7 +113,7 @@ class DiffMIC(nn.Module):
         entropy = -(mean * mean.clamp_min(1e-12).log()).sum(1)
         picked = probs.gather(2, mean.argmax(1).view(1, -1, 1).expand(num_samples, -1, 1)).squeeze(2)
         std = picked.std(0) if num_samples > 1 else torch.zeros_like(entropy)
-        return Prediction(mean, priors.fused, entropy, std, y0)
+        return Prediction(mean, priors.fused, entropy, std, y0, priors.logits)
 
 
 def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: bool = True) -> DiffMIC:
