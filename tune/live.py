@@ -56,6 +56,8 @@ class LiveReport:
     # ------------------------------------------------------------ fed by Progress (Tune's driver thread)
     def start(self) -> LiveReport:
         LIVE[self.record.uri] = self
+        for dataset, where in self.studies.items():
+            print(f"[search] {dataset}: the study, live: optuna-dashboard {where}", flush=True)
         if self.write:
             self._thread.start()
         return self
@@ -74,6 +76,12 @@ class LiveReport:
                 if t.status == "RUNNING" and math.isnan(view.started_at):
                     view.started_at = now
                 view.status = t.status
+
+    def trial_started(self, dataset: str, trial_id: str) -> None:
+        with self._lock:
+            view = self.trials[dataset].get(trial_id)
+            if view is not None:
+                view.started_at, view.ended_at = time.time(), math.nan  # a restarted trial runs again from here
 
     def result(self, dataset: str, trial_id: str, result: dict) -> None:
         with self._lock:
@@ -260,7 +268,9 @@ class Progress(tune.Callback):
         return None
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._live(trials)
+        live = self._live(trials)
+        if live is not None:
+            live.trial_started(self.dataset, trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         live = self._live(trials)

@@ -67,7 +67,7 @@ def figure(item: dict, png: bytes, names: list[str]) -> str:
     right = label is not None and label == predicted
     verdict = "" if label is None else (" <b class=ok>right</b>" if right else " <b class=bad>wrong</b>")
     caption = (f"<figcaption>predicted <b>{esc(names[predicted])}</b> p = {mean:.3f} ± {sd:.3f} over "
-               f"{max(1, len(samples))} samples<br>true <b>{esc(names[label]) if label is not None else '?'}</b>"
+               f"{max(1, len(samples))} sample{'s' if len(samples) > 1 else ''}<br>true <b>{esc(names[label]) if label is not None else '?'}</b>"
                f"{verdict}{spread_chart(item, names)}</figcaption>")
     kind = "unlabelled" if label is None else ("right" if right else "wrong")
     return f'<figure class="look {kind}">{image}{caption}</figure>'
@@ -88,10 +88,11 @@ def where_it_looks_section(res: Results) -> str:
                 continue
         figures = "".join(figures)
         k = max(len(item.get("boxes") or []) for item, _ in shown)
+        crops = f"{k} crop{'s' if k != 1 else ''}"
         parts.append(f"<h3>{esc(dataset)}</h3>" + note(
             f"The best model on {len(shown)} test images, a few per class, right and wrong: the DCG's "
-            f"class-activation map of the predicted class as a heat map, the {k} crops it took for the local prior "
-            "as boxes, and the prediction over the sampled chains (bars: mean probability per class; ticks: each "
+            f"class-activation map of the predicted class as a heat map, the {crops} it took for the local prior as "
+            "boxes, and the prediction over the sampled chains (bars: mean probability per class; ticks: each "
             "chain).") + f"<div class=looks>{figures}</div>")
     if not parts:
         return ""
