@@ -14,8 +14,8 @@ def test_every_group_option_composes(group, option):
     overrides = [f"{group}={option}"]
     if group == "storage" and option == "s3":
         overrides.append("storage.uri=s3://bucket/prefix")
-    cfg = compose(overrides, "search" if group == "search" else "config")
-    if group not in ("search",):
+    cfg = compose(overrides, "search" if group in ("search", "tracking") else "config")  # groups of searches only
+    if group not in ("search", "tracking"):
         validate_config(cfg)
 
 

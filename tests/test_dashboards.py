@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from test_report import chromium, make_experiment
-from test_search import BIN, ROOT, Proc, SEARCH, _csv, _env, _free_port, tiny
+from test_search import BIN, ROOT, Proc, SEARCH, _csv, _env, _free_port, ray_tmp, tiny  # noqa: F401 (a fixture)
 
 ARTIFACTS = Path(os.environ.get("DIFFMIC_TEST_ARTIFACTS") or tempfile.gettempdir()) / "diffmic-test-artifacts"
 
@@ -157,7 +157,7 @@ def test_a_running_search_is_watched_live_and_tracked(ray_tmp, tmp_path):
         dport = _free_port()
         dashboard = Server([str(BIN / "optuna-dashboard"), study, "--host", "127.0.0.1", "--port", str(dport)],
                            logs / "optuna-dashboard.log", f"http://127.0.0.1:{dport}/api/studies")
-        studies = get_json(f"http://127.0.0.1:{dport}/api/studies")["studies"]
+        studies = get_json(f"http://127.0.0.1:{dport}/api/studies")["study_summaries"]
         assert [s["study_name"] for s in studies] == ["live-synthetic"]
         assert search.proc.poll() is None, "the search ended before its live pieces were seen"
         run = search.wait(900)

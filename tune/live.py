@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from ray import tune
 
-from diffmic.secrets import redact
+from diffmic.secrets import redact, redact_url
 
 LIVE: dict[str, "LiveReport"] = {}  # record URI -> the live report of the search running in this driver
 LAZY = 5  # without a trial ending, the page is rewritten at most every LAZY x report_every_s (fresh curves)
@@ -249,8 +249,7 @@ def study_location(search) -> str:
     search.optuna_storage (its password masked), else the driver's SQLite file (copied into the record as it goes)."""
     url = search.cfg["search"]["optuna_storage"]
     if url:
-        import re
-        return redact(re.sub(r"(\w://[^/:@\s]+):[^/@\s]+@", r"\1:***@", url))
+        return redact(redact_url(url))
     return f"sqlite:///{search.optuna_db()}"
 
 

@@ -12,6 +12,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from diffmic.config import with_values
 from diffmic.secrets import redact_config
 from tune.distributed import build_trainer, sweep_orphaned_scratch
+from tune import tracking
 from tune.live import Progress
 from tune.record import Record
 from tune.resume import ResumableASHA, SearchState, study_path, verify_ray_state
@@ -213,7 +214,8 @@ def new_tuner(search: DatasetSearch, trainable, path: str, fs) -> tune.Tuner:
                                     num_samples=s["num_samples"], time_budget_s=s["time_budget_s"]),
         run_config=tune.RunConfig(name=search.dataset, storage_path=path, storage_filesystem=fs,
                                   progress_reporter=progress_reporter(search), verbose=1,
-                                  callbacks=[state, Progress(search.record.uri, search.dataset)],
+                                  callbacks=[state, Progress(search.record.uri, search.dataset),
+                                             *tracking.callbacks(search)],
                                   # Ray Train already retries a trial's workers (scaling.max_failures); this only
                                   # restarts a trial whose driver actor was lost, so the two do not multiply.
                                   failure_config=tune.FailureConfig(max_failures=s["trial_max_failures"])),

@@ -46,6 +46,8 @@ def check_search(cfg: dict, known: list[str] | None = None) -> None:
     for key in ("trust_ray_state", "report", "export"):
         if not isinstance(cfg[key], bool):
             raise SearchError(f"{key}={cfg[key]!r}: expected true or false")
+    from tune import tracking
+    tracking.check(cfg)
     every = cfg["report_every_s"]
     if not isinstance(every, (int, float)) or isinstance(every, bool) or every <= 0:
         raise SearchError(f"report_every_s={every!r}: expected seconds > 0 (how often the live report may be "
@@ -192,9 +194,13 @@ def search(cfg: dict, overrides: list[str]) -> None:
         from tune.promote import first_current
         for dataset in details:
             print(f"[search] {first_current(record, dataset)}", flush=True)
+    report_uri = None
     if cfg["report"]:
         from tune.report import write_report
-        write_report(record)
+        report_uri = write_report(record)
+    from tune import tracking
+    for s, o in zip(searches, outcomes):  # the trial runs get their checkpoints, the dataset's its model and report
+        tracking.finish(s, o["summary"], o["best"], report_uri)
     print_tables(tables["summary"], record.read_table("best"), record, cfg["report"])
 
 
