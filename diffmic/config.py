@@ -78,7 +78,7 @@ def _int(v) -> bool:
 
 # Keys the code reads without a check of their value below. The defaults live in configs/ only: code reads what it is
 # given, and a key missing from a hand-made or old config is named here, not replaced by a second default.
-READ_AS_IS = ("seed", "deterministic", "dataset.split_seed", "train.min_lr", "train.num_workers", "train.joint_dcg",
+READ_AS_IS = ("seed", "deterministic", "dataset.split_seed", "train.min_lr", "train.joint_dcg",
               "train.dcg_amsgrad", "train.channels_last", "train.ema", "train.checkpoint_every", "train.test_at_end",
               "train.amp", "train.grad_clip", "model.denoiser.embedding_bias")
 
@@ -116,6 +116,9 @@ def validate_config(cfg: dict) -> None:
     c("train.mmd_bandwidths", lambda v: len(v) > 0 and all(b > 0 for b in v), "a non-empty list of positive numbers")
     c("train.ema_decay", lambda v: 0 <= v < 1, "a value in [0, 1)")
     c("train.val_every", lambda v: _int(v) and v >= 1, "an integer >= 1")
+    c("train.num_workers", lambda v: v == "auto" or (_int(v) and v >= 0),
+      "auto (one DataLoader worker per CPU of the training process) or an integer >= 0")
+    c("train.augment_on", lambda v: v in ("auto", "loader", "device"), "auto, loader or device")
     c("train.select_metric", lambda v: v in SCALAR_METRICS, f"one of {', '.join(SCALAR_METRICS)}")
     c("train.select_mode", lambda v: v in ("max", "min"), "max or min")
     c("train.guidance", lambda v: v in ("eval", "shared"), "eval (official: priors from the DCG in eval mode) or shared")

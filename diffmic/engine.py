@@ -9,6 +9,7 @@ and reported with a checkpoint; the test split is evaluated once, at the end, wi
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from diffmic.calibration import class_probabilities, fit_temperature
 from diffmic.checkpoint import CheckpointError, evaluation_weights, load_state
 from diffmic.config import split_seed, validate_config
 from diffmic.data import DataSplits, build_splits
+from diffmic.data.transforms import BatchAugment
 from diffmic.ema import EMA
 from diffmic.metrics import classification_metrics, prefixed
 from diffmic.models import DiffMIC, build_model
@@ -81,7 +83,8 @@ def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, gene
     """
     d, t = cfg["diffusion"], cfg["train"]
     shard = _shard(dataset, session)
-    loader = DataLoader(shard, batch_size=t["eval_batch_size"], shuffle=False, num_workers=t["num_workers"])
+    loader = DataLoader(shard, batch_size=t["eval_batch_size"], shuffle=False,
+                        num_workers=loader_workers(cfg, session.device.type), pin_memory=session.device.type == "cuda")
     model.eval()
     generator = torch.Generator(device=session.device).manual_seed(generator_seed + session.rank)
     samples, dcg_probs, labels = [], [], []
@@ -111,10 +114,26 @@ def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, gene
     return metrics
 
 
+def loader_workers(cfg: dict, device_type: str) -> int:
+    """DataLoader worker processes of one training process: `train.num_workers`, or for `auto` one per CPU it has
+    (`scaling.resources_per_worker.CPU` in a Ray Train worker, 1 when not given; the CPUs this process may run on
+    without Ray), less one on a CPU, where the training process computes on the remaining one(s). On a GPU the
+    training process mostly waits for the device, so the loaders get every CPU (4 on cluster/aws.yaml's g5.xlarge)."""
+    given = cfg["train"]["num_workers"]  # auto or an integer >= 0 (diffmic.config.validate_config)
+    if given != "auto":
+        return given
+    scaling = cfg["scaling"]
+    if scaling["num_workers"] >= 1:
+        cpus = int((scaling["resources_per_worker"] or {}).get("CPU", 1))
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cpus if device_type == "cuda" else cpus - 1)
+
+
 def _loader(dataset: Dataset, cfg: dict, session: Session, seed: int) -> DataLoader:
     t = cfg["train"]
     batch = min(t["batch_size"], len(dataset))
-    workers = t["num_workers"]
+    workers = loader_workers(cfg, session.device.type)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(dataset) > batch,
                         num_workers=workers, persistent_workers=workers > 0, pin_memory=session.device.type == "cuda",
                         generator=torch.Generator().manual_seed(seed))
@@ -165,8 +184,26 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def device_augment(cfg: dict, data: DataSplits, session: Session) -> BatchAugment | None:
+    """Where the training augmentation runs (`train.augment_on`): `loader`, as the official code, in the DataLoader's
+    processes on PIL images; `device`, per batch on the training device, the loader then only reading images (the
+    train split's transform becomes `device_transform`); `auto`, on the device when it is a GPU."""
+    mode = cfg["train"]["augment_on"]
+    if mode == "auto":
+        mode = "device" if session.device.type == "cuda" else "loader"
+    if mode != "device" or not hasattr(data.train, "transform"):
+        return None
+    from diffmic.data.config import resolve_config
+    from diffmic.data.transforms import device_transform
+
+    c = resolve_config(cfg["dataset"])
+    data.train.transform = device_transform(c["image_size"])
+    a = c["augment"]
+    return BatchAugment(a["hflip"], a["vflip"], a["rotation"], c["mean"], c["std"])
+
+
 def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session, epoch: int, phase: str,
-           ema: EMA | None) -> dict[str, float]:
+           ema: EMA | None, augment: BatchAugment | None = None) -> dict[str, float]:
     t = cfg["train"]
     joint = t["joint_dcg"]
     model.train()
@@ -175,11 +212,16 @@ def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
     steps = len(loader)
+    if augment is not None:  # a resumed run draws the flips and angles the uninterrupted one draws
+        draws = torch.Generator(device=session.device).manual_seed(
+            (cfg["seed"] * 1_000_003 + epoch * 2 + (phase == "dcg")) * 1009 + session.rank)
     for i, (x, y) in enumerate(loader):
         if phase == "diffusion":
             for group in optimizers["denoiser"].param_groups:
                 group["lr"] = learning_rate(t, epoch + i / steps)
         x, y = session.to_device(x), session.to_device(y)
+        if augment is not None:
+            x = augment(x, draws)
         with session.autocast():
             losses = model(x, y, phase=phase, joint_dcg=joint, mmd_weight=t["mmd_weight"], guidance=t["guidance"],
                            mmd_bandwidths=tuple(t["mmd_bandwidths"]))
@@ -284,11 +326,12 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
                 "best_weights": None if best["epoch"] == epoch else best_weights,
                 "class_names": data.class_names, "rng": _rng_state()}
 
+    augment = device_augment(cfg, data, session)
     if not pretrained and t["dcg_pretrain_epochs"] > 0:
         loader = _loader(data.train, cfg, session, seed)
         for e in range(t["dcg_pretrain_epochs"]):
             _begin_epoch(loader, session, e)
-            stats = _epoch(model, core, loader, optimizers, cfg, session, e, "dcg", None)
+            stats = _epoch(model, core, loader, optimizers, cfg, session, e, "dcg", None, augment)
             session.log(f"dcg pre-train {e + 1}/{t['dcg_pretrain_epochs']}: ce {stats['dcg_ce']:.4f}, "
                         f"{stats['dcg_samples_per_s']:.0f} img/s")
     if ema is not None and not pretrained:
@@ -299,7 +342,7 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
     loader = _loader(data.train, cfg, session, seed + 1)
     for epoch in range(start_epoch, t["epochs"]):
         _begin_epoch(loader, session, epoch)
-        stats = _epoch(model, core, loader, optimizers, cfg, session, epoch, "diffusion", ema)
+        stats = _epoch(model, core, loader, optimizers, cfg, session, epoch, "diffusion", ema, augment)
         if (epoch + 1) % t["val_every"] and epoch + 1 < t["epochs"]:
             continue
         with (ema.applied(core) if ema else _null()):

@@ -10,6 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The key that signs a search's Ray state (tune/resume.py): without one, the first search would make a key file in the
 # user's home. Tests of the other key sources unset it.
 os.environ.setdefault("DIFFMIC_SIGNING_KEY", "diffmic-tests")
+# Node caches (fetched inputs, prepared images, studies) in a temp dir of this session, never the user's home;
+# processes the tests start inherit it unless a test gives them their own.
+if "DIFFMIC_CACHE" not in os.environ:
+    import tempfile
+    os.environ["DIFFMIC_CACHE"] = tempfile.mkdtemp(prefix="diffmic-test-cache-")
 ensure_torchvision_importable()  # the test process starts here (timm imports torchvision)
 
 

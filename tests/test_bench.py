@@ -37,3 +37,16 @@ def test_quick_bench_prints_every_ratio_and_floor(tmp_path):
     assert [r["label"] for r in rows] == list(FIGURES)
     for r in rows:  # a floor is the sum of its parts, each a positive time
         assert all(v > 0 for v in r["parts"].values()) and math.isclose(r["floor"], sum(r["parts"].values()))
+
+
+@pytest.mark.slow  # about 30 s: images of the real sets' sizes decoded side by side
+def test_quick_loader_bench_writes_its_figures(tmp_path):
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_data.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    for key in ("uncached_img_per_s_per_core", "cached_img_per_s_per_core", "cache_speedup_per_core",
+                "draft_speedup_per_core", "trial_loader_img_per_s", "gpu_img_per_s_estimate"):
+        assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
+    assert "estimate" in figures["gpu_estimate_basis"] and "cache" in proc.stdout

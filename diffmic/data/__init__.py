@@ -10,9 +10,11 @@ from diffmic.data.config import resolve_config
 from diffmic.data.datasets import DataSplits, ImageListDataset, SyntheticDataset
 from diffmic.data.errors import DataError
 from diffmic.data.images import load_image
+from diffmic.data.prepared import PreparedImages
 from diffmic.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 __all__ = [
     "build_splits", "DataSplits", "DataError", "eval_transform", "train_transform", "load_image", "IMAGENET_MEAN",
     "IMAGENET_STD", "DATASET_NAMES", "resolve_config", "ImageListDataset", "SyntheticDataset",
+    "PreparedImages",
 ]

@@ -10,6 +10,7 @@ from diffmic.data.config import resolve_config
 from diffmic.data.datasets import DataSplits, ImageListDataset, SyntheticDataset
 from diffmic.data.errors import DataError
 from diffmic.data.images import check_images
+from diffmic.data.prepared import PreparedImages
 from diffmic.data.sources import READERS
 from diffmic.data.splits import stratified_carve
 from diffmic.data.transforms import eval_transform, train_transform
@@ -80,6 +81,7 @@ def build_splits(cfg: Mapping, seed: int = 0) -> DataSplits:
     _nonempty("val", len(val), f"val_fraction = {c['val_fraction']} of {len(tr_y)} training examples")
     _nonempty("train", len(keep), f"all {len(tr_y)} training examples went to val")
     check_images(all_paths, c["verify_images"], where)
-    return DataSplits(ImageListDataset([tr_p[i] for i in keep], tr_y[keep], tf_train),
-                      ImageListDataset([tr_p[i] for i in val], tr_y[val], tf_eval),
-                      ImageListDataset(te_p, te_y, tf_eval), list(names))
+    reader = PreparedImages(size, c["jpeg_draft"], c["cache"])  # cache: the node's where the images are read
+    return DataSplits(ImageListDataset([tr_p[i] for i in keep], tr_y[keep], tf_train, reader),
+                      ImageListDataset([tr_p[i] for i in val], tr_y[val], tf_eval, reader),
+                      ImageListDataset(te_p, te_y, tf_eval, reader), list(names))

@@ -97,8 +97,9 @@ def resolve_config(cfg: Mapping | None) -> dict:
     if not isinstance(rot, numbers.Real) or isinstance(rot, bool) or not 0 <= rot <= 180:
         raise DataError(f"dataset.augment.rotation = {rot!r} is invalid; expected degrees in [0, 180]")
     c["mean"], c["std"] = _triple(c, "mean", False), _triple(c, "std", True)
-    if not isinstance(c["verify_images"], bool):
-        raise DataError(f"dataset.verify_images = {c['verify_images']!r} is invalid; expected true or false")
+    for key in ("verify_images", "cache", "jpeg_draft"):
+        if not isinstance(c[key], bool):
+            raise DataError(f"dataset.{key} = {c[key]!r} is invalid; expected true or false")
     names = c["class_names"]
     if names is not None:
         if (not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names)

@@ -19,20 +19,22 @@ from diffmic.data.images import load_image
 
 
 class ImageListDataset(Dataset):
-    """Images read from `paths` (PIL, RGB), with integer `labels`, passed through `transform`."""
+    """Images read from `paths` by `reader` (PIL, RGB; `build_splits` gives a `PreparedImages`), with integer
+    `labels`, passed through `transform`."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int] | np.ndarray, transform: Callable) -> None:
+    def __init__(self, paths: Sequence[str], labels: Sequence[int] | np.ndarray, transform: Callable,
+                 reader: Callable[[str], Image.Image] = load_image) -> None:
         self.paths = [str(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(self.paths) != len(self.labels):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-        self.transform = transform
+        self.transform, self.reader = transform, reader
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_image(self.paths[i])), int(self.labels[i])
+        return self.transform(self.reader(self.paths[i])), int(self.labels[i])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n={len(self)}, classes={np.bincount(self.labels).tolist()})"

@@ -1,6 +1,7 @@
 """Reading images with PIL (torchvision's C++ decoders are not available on every machine), and checking them once."""
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """The image at `path` as RGB; DataError naming the file when it is missing, unreadable or corrupt."""
+def load_image(path: str | os.PathLike, min_size: int | None = None, data: bytes | None = None) -> Image.Image:
+    """The image at `path` as RGB; DataError naming the file when it is missing, unreadable or corrupt.
+
+    `min_size`: a JPEG is decoded at the smallest of its DCT scales (1/8, 1/4, 1/2, 1) whose short side is still at
+    least `min_size` (libjpeg's draft mode: the inverse DCT and colour conversion run at that scale). `data`: the
+    file's bytes when the caller has read them already; they are decoded instead of the file.
+    """
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
+            if min_size and im.format == "JPEG":
+                im.draft("RGB", (min_size, min_size))  # scale 1/a with a <= min(w, h) // min_size
             return to_rgb(im)
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None

@@ -2,14 +2,19 @@
 
 Train: centre square crop (min(H, W)) -> resize (bilinear) -> H-flip p=0.5 -> V-flip p=0.5 -> rotation U(-r, r)
 (bilinear, black corners, no expand) -> tensor -> normalise.  Eval: centre square crop -> resize -> tensor ->
-normalise.  Every flip/rotation step is a knob (`augment`).
+normalise.  Every flip/rotation step is a knob (`augment`).  The deterministic head (crop, resize) leaves an image
+it has already made as it is, so it may run ahead of time, once per image (`prepare_transform`, diffmic.data.prepared).
+On a GPU the random tail may run per batch on the device instead (`device_transform` + `BatchAugment`,
+`train.augment_on`): the loader's CPUs then only read images.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -76,6 +81,41 @@ class ToNormalizedTensor:
         return x.sub_(self.mean).div_(self.std)
 
 
+class ToUint8Tensor:
+    """uint8 HWC -> uint8 CHW: what a loader hands a device that augments and normalises (BatchAugment)."""
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+class BatchAugment:
+    """The random tail of `train_transform` on a batch, on the device it trains on: H/V-flips with p = 0.5, a rotation
+    U(-r, r) (bilinear, black corners, same canvas), then normalisation; uint8 [N, 3, S, S] in, float out. The same
+    distribution as the PIL steps; the pixels differ from PIL's rotation by interpolation rounding (grid_sample).
+    On a GPU it costs next to nothing and leaves the loader's CPUs only the reading (bench/bench_data.py)."""
+
+    def __init__(self, hflip: bool, vflip: bool, rotation: float, mean: Sequence[float], std: Sequence[float]):
+        self.hflip, self.vflip, self.rotation = hflip, vflip, float(rotation)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, device = x.shape[0], x.device
+        x = x.float().div_(255)
+        for flip, dim in ((self.hflip, 3), (self.vflip, 2)):
+            if flip:
+                chosen = torch.rand(n, generator=generator, device=device) < 0.5
+                x = torch.where(chosen.view(-1, 1, 1, 1), x.flip(dim), x)
+        if self.rotation:
+            angle = (torch.rand(n, generator=generator, device=device) * 2 - 1) * math.radians(self.rotation)
+            cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+            theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # black corners
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
 class Pipeline:
     def __init__(self, transforms: list[Callable]) -> None:
         self.transforms = transforms
@@ -92,6 +132,12 @@ def _head(image_size: int) -> list:
 
 def _tail(mean: Sequence[float], std: Sequence[float]) -> list:
     return [ToNormalizedTensor(mean, std)]
+
+
+def prepare_transform(image_size: int) -> Callable:
+    """PIL image -> the square `image_size` RGB image both transforms below start from (their crop and resize then
+    change nothing: a square image is not cropped, and PIL's resize to the current size is a copy)."""
+    return Pipeline(_head(image_size))
 
 
 def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
@@ -111,3 +157,8 @@ def train_transform(image_size: int, hflip: bool = True, vflip: bool = False, ro
     if rotation:
         steps.append(RandomRotation(rotation))
     return Pipeline(steps + _tail(mean, std))
+
+
+def device_transform(image_size: int) -> Callable:
+    """PIL image -> uint8 [3, image_size, image_size]: the deterministic head only; BatchAugment does the rest."""
+    return Pipeline(_head(image_size) + [ToUint8Tensor()])
