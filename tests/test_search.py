@@ -766,7 +766,9 @@ def test_a_search_rides_out_an_s3_restart(s3_server, s3_bucket, ray_tmp):
 
     summary = _csv(io.BytesIO(client.get_object(Bucket=s3_bucket, Key="r/out/summary.csv")["Body"].read()))
     history = _csv(io.BytesIO(client.get_object(Bucket=s3_bucket, Key="r/out/history.csv")["Body"].read()))
-    assert len(summary) == 2 and set(summary["status"]) == {"COMPLETED"}, summary
+    if len(summary) != 2 or set(summary["status"]) != {"COMPLETED"}:
+        errors = [line for line in run.out.splitlines() if "Error" in line or "ERROR" in line]
+        pytest.fail(f"{summary[['trial_id', 'status']]}\n" + "\n".join(errors[-80:]), pytrace=False)
     found = checkpoints()
     assert set(found) == set(summary["trial_id"])
     for trial in summary["trial_id"]:

@@ -296,3 +296,49 @@ def test_data_survives_restart(s3_server, s3_bucket, tmp_path):
     print(f"S3 server restart took {time.monotonic() - t0:.2f} s")
     assert st.read_bytes("ckpt/model.pt") == b"weights" * 1000
     assert open_storage(f"s3://{s3_bucket}/keep").list() == ["ckpt/model.pt"]
+
+
+def test_the_filesystem_ray_ships_keeps_its_retries(monkeypatch):
+    """Ray pickles the storage filesystem to every Train controller and worker. pyarrow's own pickling drops the retry
+    strategy, so a trial's checkpoint-state write failed at once while S3 restarted (test_a_search_rides_out_an_s3_
+    restart, about 1 run in 3). Counted on a loopback server that answers 503 to everything: the copy Ray unpickles
+    makes as many attempts per request as the original."""
+    import http.server
+    import threading
+
+    requests = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            requests.append(self.command)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_PUT = do_POST = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "key")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.setattr(s3_backend, "OUTAGE_ATTEMPTS", 5)  # 25 ms x (1 + 2 + 4 + 8) of back-off per request
+        fs = s3_backend.S3Storage("s3://bucket/root").ray_filesystem()
+
+        def attempts(filesystem) -> int:
+            requests.clear()
+            with pytest.raises(OSError):
+                filesystem.get_file_info("bucket/root/x")
+            return len(requests)
+
+        direct = attempts(fs)
+        shipped = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(fs))))  # to the controller, and on to a worker
+        assert direct >= 5 and attempts(shipped) == direct, (direct, requests)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -113,6 +114,31 @@ def _parse_s3(uri: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------- the backend
+def _outage_tolerant_fs(options: dict, attempts: int) -> pyarrow.fs.S3FileSystem:
+    """An S3FileSystem with `options` (those pyarrow pickles) that retries each request `attempts` times, and still
+    does where Ray unpickles it: pyarrow's own pickling keeps the options but drops the retry strategy, which left
+    every Train controller and worker with 3 quick attempts, so a trial failed when S3 restarted under it."""
+    import pyarrow.fs as pafs
+
+    return _outage_tolerant_class()(**options, retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts),
+                                    _attempts=attempts)
+
+
+@functools.cache
+def _outage_tolerant_class() -> type:
+    import pyarrow.fs as pafs
+
+    class OutageTolerantS3FileSystem(pafs.S3FileSystem):
+        def __init__(self, *, _attempts: int, **kwargs) -> None:
+            super().__init__(**kwargs)  # Cython's __cinit__ takes the same keywords
+            self._attempts = _attempts
+
+        def __reduce__(self):
+            return _outage_tolerant_fs, (super().__reduce__()[1][0], self._attempts)
+
+    return OutageTolerantS3FileSystem
+
+
 @dataclass(frozen=True)
 class S3Storage(Storage):
     is_s3 = True
@@ -131,9 +157,9 @@ class S3Storage(Storage):
         import pyarrow.fs as pafs  # here: local-only users never pay for pyarrow's S3 start-up
 
         endpoint = _endpoint()[0]
-        return pafs.S3FileSystem(region=_region(), connect_timeout=5,
-                                 retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=OUTAGE_ATTEMPTS),
-                                 **({"endpoint_override": endpoint} if endpoint else {}))
+        options = pafs.S3FileSystem(region=_region(), connect_timeout=5,
+                                    **({"endpoint_override": endpoint} if endpoint else {})).__reduce__()[1][0]
+        return _outage_tolerant_fs(options, OUTAGE_ATTEMPTS)
 
     def bucket_key(self, rel: str = "") -> tuple[str, str]:
         bucket, _, prefix = self.uri[5:].partition("/")
