@@ -50,3 +50,20 @@ def test_quick_loader_bench_writes_its_figures(tmp_path):
                 "draft_speedup_per_core", "trial_loader_img_per_s", "gpu_img_per_s_estimate"):
         assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
     assert "estimate" in figures["gpu_estimate_basis"] and "cache" in proc.stdout
+
+
+@pytest.mark.slow  # about a minute: three torch.compile variants on a CPU
+def test_the_gpu_step_script_runs_every_variant_a_cpu_can(tmp_path):
+    """bench_gpu.py waits for a GPU session; its CPU smoke run keeps it working until then."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--device", "cpu", "--quick",
+                           "--config", "small", "--json", str(out)], capture_output=True, text=True, timeout=900,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["train step, DCG joint", "predict official 5 steps", "predict ddim 10 steps"]
+    for group in results.values():
+        assert set(group["errors"]) <= {"chain as one CUDA graph"}, group["errors"]  # CUDA only
+        assert group["times"]["eager"] > 0 and all(t > 0 for t in group["times"].values())
+        for name, diff in group["checks"].items():  # every compiled variant computes what eager computes
+            assert diff is None or diff < 1e-3, (name, diff)
