@@ -97,6 +97,7 @@ class BatchAugment:
     def __init__(self, hflip: bool, vflip: bool, rotation: float, mean: Sequence[float], std: Sequence[float]):
         self.hflip, self.vflip, self.rotation = hflip, vflip, float(rotation)
         self.mean, self.std = tuple(mean), tuple(std)
+        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, device = x.shape[0], x.device
@@ -111,8 +112,9 @@ class BatchAugment:
             theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # black corners
-        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        if self._norm is None or self._norm[0].device != device:  # once, not a host-to-device copy per step
+            self._norm = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (self.mean, self.std))
+        mean, std = self._norm
         return (x - mean) / std
 
 

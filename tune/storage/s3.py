@@ -115,7 +115,7 @@ def _parse_s3(uri: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- the backend
 def _outage_tolerant_fs(options: dict, attempts: int) -> pyarrow.fs.S3FileSystem:
-    """An S3FileSystem with `options` (those pyarrow pickles) that retries each request `attempts` times, and still
+    """An S3FileSystem with `options` (S3FileSystem's keywords) that retries each request `attempts` times, and still
     does where Ray unpickles it: pyarrow's own pickling keeps the options but drops the retry strategy, which left
     every Train controller and worker with 3 quick attempts, so a trial failed when S3 restarted under it."""
     import pyarrow.fs as pafs
@@ -153,13 +153,11 @@ class S3Storage(Storage):
 
     def ray_filesystem(self) -> pyarrow.fs.FileSystem:
         """A bare S3FileSystem() ignores AWS_ENDPOINT_URL, hence the explicit endpoint. Credentials are left to the
-        default chain on each node, so the pickled filesystem that Ray ships to workers carries no secret."""
-        import pyarrow.fs as pafs  # here: local-only users never pay for pyarrow's S3 start-up
-
+        default chain on each node, so the pickled filesystem that Ray ships to workers carries no secret. pyarrow is
+        imported in the helpers below: local-only users never pay for its S3 start-up."""
         endpoint = _endpoint()[0]
-        options = pafs.S3FileSystem(region=_region(), connect_timeout=5,
-                                    **({"endpoint_override": endpoint} if endpoint else {})).__reduce__()[1][0]
-        return _outage_tolerant_fs(options, OUTAGE_ATTEMPTS)
+        return _outage_tolerant_fs({"region": _region(), "connect_timeout": 5,
+                                    **({"endpoint_override": endpoint} if endpoint else {})}, OUTAGE_ATTEMPTS)
 
     def bucket_key(self, rel: str = "") -> tuple[str, str]:
         bucket, _, prefix = self.uri[5:].partition("/")
