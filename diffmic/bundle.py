@@ -45,6 +45,15 @@ class Bundle:
         """τ of the class probabilities, fitted on the validation split (diffmic.calibration)."""
         return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
 
+    @property
+    def dcg_temperature(self) -> float:
+        """The DCG's own τ, fitted on the same split (its figures beside the head's)."""
+        return float((self.meta.get("calibration") or {}).get("dcg_temperature", 1.0))
+
+    def temperature_for(self, sampler: str) -> float:
+        """The τ of a read-out: the DCG's own for `dcg`, the head's for a chain."""
+        return self.dcg_temperature if sampler == "dcg" else self.temperature
+
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -75,7 +84,8 @@ def write_bundle(directory: str | Path, model: DiffMIC, cfg: dict, class_names: 
         "preprocessing": {"image_size": dataset["image_size"], "mean": list(dataset["mean"]),
                           "std": list(dataset["std"]), "resize": "center-square-crop, bilinear"},
         "sampler": {k: cfg["diffusion"][k] for k in ("sampler", "sample_steps", "eta", "num_samples")},
-        "calibration": {"temperature": (metrics.get("val") or {}).get("temperature", 1.0), "fitted_on": "val"},
+        "calibration": {"temperature": (metrics.get("val") or {}).get("temperature", 1.0),
+                        "dcg_temperature": (metrics.get("val") or {}).get("dcg_temperature", 1.0), "fitted_on": "val"},
         "metrics": metrics,
         "provenance": provenance or {},
         "versions": library_versions(),

@@ -95,9 +95,10 @@ def evaluation_weights(state: dict) -> dict[str, torch.Tensor]:
     return weights
 
 
-def fitted_temperature(state: dict) -> float:
-    """The τ of the class probabilities that the best validation epoch fitted (diffmic.calibration)."""
-    return float(((state.get("best") or {}).get("metrics") or {}).get("temperature", 1.0))
+def fitted_temperature(state: dict, of: str = "temperature") -> float:
+    """The τ of the class probabilities that the best validation epoch fitted (diffmic.calibration); `of`:
+    "temperature" (the diffusion head's) or "dcg_temperature" (its DCG's)."""
+    return float(((state.get("best") or {}).get("metrics") or {}).get(of, 1.0))
 
 
 def load_eval_model(state: dict, num_classes: int | None = None):

@@ -10,6 +10,7 @@ from diffmic.diffusion import SAMPLERS, USABLE_SCHEDULES
 from diffmic.errors import DiffmicError
 from diffmic.metrics import SCALAR_METRICS
 from diffmic.models.dcg import OUTPUT_STRIDES, ROI_MODES, cam_geometry
+from diffmic.models.diffmic import OUTPUTS
 
 
 class ConfigError(DiffmicError, ValueError):
@@ -79,7 +80,7 @@ def _int(v) -> bool:
 # Keys the code reads without a check of their value below. The defaults live in configs/ only: code reads what it is
 # given, and a key missing from a hand-made or old config is named here, not replaced by a second default.
 READ_AS_IS = ("seed", "deterministic", "dataset.split_seed", "train.min_lr", "train.joint_dcg",
-              "train.dcg_amsgrad", "train.channels_last", "train.ema", "train.checkpoint_every", "train.test_at_end",
+              "train.dcg_amsgrad", "train.denoiser", "train.channels_last", "train.ema", "train.checkpoint_every", "train.test_at_end",
               "train.amp", "train.grad_clip", "model.denoiser.embedding_bias")
 
 
@@ -113,6 +114,8 @@ def validate_config(cfg: dict) -> None:
     c("train.warmup_epochs", lambda v: v is None or v >= 0, "null (train.warmup_fraction of the epochs) or a number >= 0")
     c("train.warmup_fraction", lambda v: 0 <= v < 1, "a share of the epochs in [0, 1)")
     c("train.mmd_weight", lambda v: v >= 0, "a weight >= 0 (0 turns the MMD terms off)")
+    c("train.ce_weight", lambda v: v >= 0, "a weight >= 0 (0 turns the cross-entropy term off)")
+    c("model.denoiser.output", lambda v: v in OUTPUTS, f"one of {', '.join(OUTPUTS)}")
     c("train.mmd_bandwidths", lambda v: len(v) > 0 and all(b > 0 for b in v), "a non-empty list of positive numbers")
     c("train.ema_decay", lambda v: 0 <= v < 1, "a value in [0, 1)")
     c("train.val_every", lambda v: _int(v) and v >= 1, "an integer >= 1")

@@ -20,7 +20,9 @@ import torch
 SCHEDULES = ("linear", "const", "quad", "jsd", "sigmoid", "cosine", "cosine_reverse", "cosine_anneal")
 # jsd's last β is 1: ᾱ = 0 at t = T and the first reverse step divides by it (NaN). Kept for parity, never run.
 USABLE_SCHEDULES = tuple(s for s in SCHEDULES if s != "jsd")
-SAMPLERS = ("official", "ddpm", "ddim")
+# "dcg" runs no chain: the read-out is the DCG's fused prior alone (zero denoiser calls), the control point every
+# search measures beside the chains so that the diffusion head's gain over its own guidance is always on the table.
+SAMPLERS = ("official", "ddpm", "ddim", "dcg")
 
 # eps_fn(y_t, prior, t) -> predicted noise; t is a LongTensor of shape (N,)
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -169,10 +171,13 @@ def sample(schedule: NoiseSchedule, eps_fn: EpsFn, prior: torch.Tensor, sampler:
               of T (`NoiseSchedule.official_start`; s = steps when T is the reference length).
     ddpm:     the full ancestral chain over all T indices.
     ddim:     `steps` respaced indices from T−1 to 0, deterministic for eta=0.
+    dcg:      no chain: log ŷ, the DCG's own logits up to a constant (its probabilities after the softmax).
     """
     T = schedule.timesteps
     if sampler not in SAMPLERS:
         raise ValueError(f"diffusion.sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if sampler == "dcg":
+        return prior.clamp_min(1e-12).log()
     limit = schedule.reference_steps if sampler == "official" else T
     steps = limit if (sampler == "ddpm" or steps is None) else int(steps)
     if not 1 <= steps <= limit:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from diffmic.data.transforms import BatchAugment
 from diffmic.ema import EMA
 from diffmic.metrics import classification_metrics, prefixed
 from diffmic.models import DiffMIC, build_model
+from diffmic.rng import rng_state, seed_everything, set_rng_state
 from diffmic.secrets import redact_config
 from diffmic.session import LocalSession, Session
 
@@ -38,17 +38,6 @@ class RunResult:
     test: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
 
 
 def warmup_epochs(train_cfg: dict) -> float:
@@ -75,11 +64,14 @@ def _shard(dataset: Dataset, session: Session) -> Subset:
 
 @torch.no_grad()
 def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, generator_seed: int = 0,
-             temperature: float | None = None) -> dict:
-    """Whole-split metrics of the diffusion prediction and of the DCG alone, gathered across workers.
+             temperature: float | None = None, dcg_temperature: float | None = None) -> dict:
+    """Whole-split metrics of the diffusion prediction and of the DCG alone (`dcg_*`, and `gain_*` = head − DCG),
+    gathered across workers.
 
     Class probabilities are softmax(ŷ0 / τ) (diffmic.calibration) with the given `temperature`; None fits τ on this
     split (the validation split, whose τ then serves test and prediction). The τ used is returned as `temperature`.
+    The DCG's probabilities get a temperature of their own the same way (`dcg_temperature`), so that both figures
+    are calibrated alike.
     """
     d, t = cfg["diffusion"], cfg["train"]
     shard = _shard(dataset, session)
@@ -105,12 +97,18 @@ def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, gene
     order = np.argsort(np.concatenate([p["index"] for p in parts]))
     merged = {k: np.concatenate([p[k] for p in parts])[order] for k in ("samples", "dcg", "labels")}
     chains = merged["samples"].transpose(1, 0, 2)  # S×N×C
+    dcg_logits = np.log(np.clip(merged["dcg"], 1e-12, None))[None]  # log-probabilities: logits up to a constant
+    if d["sampler"] == "dcg":  # the DCG read out alone: the head's τ (a chain's) does not apply, its own does
+        temperature = dcg_temperature
     if temperature is None:
         temperature = fit_temperature(chains, merged["labels"])
+    if dcg_temperature is None:
+        dcg_temperature = fit_temperature(dcg_logits, merged["labels"])
     probs = class_probabilities(chains, temperature)
-    metrics = classification_metrics(merged["labels"], probs, merged["dcg"])
+    metrics = classification_metrics(merged["labels"], probs, class_probabilities(dcg_logits, dcg_temperature))
     metrics["mean_entropy"] = float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(1).mean()) if len(probs) else 0.0
     metrics["temperature"] = float(temperature)
+    metrics["dcg_temperature"] = float(dcg_temperature)
     return metrics
 
 
@@ -164,26 +162,6 @@ class Selection:
         return value > than if self.mode == "max" else value < than
 
 
-def _rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    # numpy's state as tensors and plain values: a checkpoint loads with weights_only=True
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "numpy" in state:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def device_augment(cfg: dict, data: DataSplits, session: Session) -> BatchAugment | None:
     """Where the training augmentation runs (`train.augment_on`): `loader`, as the official code, in the DataLoader's
     processes on PIL images; `device`, per batch on the training device, the loader then only reading images (the
@@ -224,7 +202,7 @@ def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session
             x = augment(x, draws)
         with session.autocast():
             losses = model(x, y, phase=phase, joint_dcg=joint, mmd_weight=t["mmd_weight"], guidance=t["guidance"],
-                           mmd_bandwidths=tuple(t["mmd_bandwidths"]))
+                           mmd_bandwidths=tuple(t["mmd_bandwidths"]), ce_weight=t["ce_weight"])
         active = [optimizers["dcg"]] if phase == "dcg" else [optimizers["denoiser"]] + ([optimizers["dcg"]] if joint else [])
         for opt in active:
             opt.zero_grad(set_to_none=True)
@@ -233,7 +211,7 @@ def _epoch(model, core: DiffMIC, loader, optimizers, cfg: dict, session: Session
             torch.nn.utils.clip_grad_norm_(core.denoiser.parameters(), t["grad_clip"])
         for opt in active:
             opt.step()
-        if ema is not None and phase == "diffusion":
+        if ema is not None and (phase == "diffusion" or not t["denoiser"]):
             ema.update(core)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
@@ -312,7 +290,7 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
             ema.load_state_dict(state["ema"])
         start_epoch, pretrained, history, best = state["epoch"], state["dcg_pretrained"], state["history"], state["best"]
         best_weights = dict(evaluation_weights(state)) if best["epoch"] else None
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         session.log(f"resumed from {resumed} at epoch {start_epoch}")
 
     model = session.prepare_model(core)
@@ -324,7 +302,7 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 # the best epoch's weights are this checkpoint's model + EMA shadow when it is the best one
                 "best_weights": None if best["epoch"] == epoch else best_weights,
-                "class_names": data.class_names, "rng": _rng_state()}
+                "class_names": data.class_names, "rng": rng_state()}
 
     augment = device_augment(cfg, data, session)
     if not pretrained and t["dcg_pretrain_epochs"] > 0:
@@ -340,9 +318,12 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
         core.dcg.requires_grad_(False)
 
     loader = _loader(data.train, cfg, session, seed + 1)
+    # train.denoiser=false: the same epochs train the DCG alone (a search's plain control, read out with
+    # diffusion.sampler=dcg); the denoiser keeps its initial weights
+    phase = "diffusion" if t["denoiser"] else "dcg"
     for epoch in range(start_epoch, t["epochs"]):
         _begin_epoch(loader, session, epoch)
-        stats = _epoch(model, core, loader, optimizers, cfg, session, epoch, "diffusion", ema, augment)
+        stats = _epoch(model, core, loader, optimizers, cfg, session, epoch, phase, ema, augment)
         if (epoch + 1) % t["val_every"] and epoch + 1 < t["epochs"]:
             continue
         with (ema.applied(core) if ema else _null()):
@@ -352,8 +333,8 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
                 best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
         row = {"epoch": epoch + 1, "lr": optimizers["denoiser"].param_groups[0]["lr"], **stats, **prefixed("val", val)}
         history.append(row)
-        session.log(f"epoch {epoch + 1}/{t['epochs']}: loss {stats['train_loss']:.4f}, val acc "
-                    f"{val['accuracy']:.3f} f1 {val['macro_f1']:.3f} (DCG {val['dcg_accuracy']:.3f}), "
+        stats = {k.replace("dcg_", "train_", 1) if phase == "dcg" else k: v for k, v in stats.items()}
+        session.log(f"epoch {epoch + 1}/{t['epochs']}: loss {stats['train_loss']:.4f}, val {head_vs_dcg(val)}, "
                     f"{stats['train_samples_per_s']:.0f} img/s")
         due = (epoch + 1) % t["checkpoint_every"] == 0 or epoch + 1 == t["epochs"]
         session.report(row, checkpoint_state(epoch + 1) if due else None)
@@ -369,15 +350,22 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
         ema.copy_to(core)
     test: dict = {}
     if t["test_at_end"]:  # a search trial never looks at test; its best model is tested once, later
-        test = evaluate(core, data.test, cfg, session, generator_seed=seed,
-                        temperature=best["metrics"].get("temperature", 1.0))  # the τ fitted on validation
+        test = evaluate(core, data.test, cfg, session, generator_seed=seed,  # the τ fitted on validation
+                        temperature=best["metrics"].get("temperature", 1.0),
+                        dcg_temperature=best["metrics"].get("dcg_temperature", 1.0))
     result = RunResult(val=best["metrics"], test=test, history=history, best_epoch=best["epoch"])
     session.finish(result, core, cfg, data.class_names)
     summary = f"best val {select} ({selection.mode}) {best['value']:.3f} at epoch {best['epoch']}"
     if test:
-        summary += f"; test acc {test['accuracy']:.3f} f1 {test['macro_f1']:.3f} (DCG {test['dcg_accuracy']:.3f})"
+        summary += f"; test {head_vs_dcg(test)}"
     session.log(summary)
     return result
+
+
+def head_vs_dcg(m: dict) -> str:
+    """One result line: the head's figures, its DCG's, and the gain (head − DCG)."""
+    return (f"acc {m['accuracy']:.3f} f1 {m['macro_f1']:.3f} auc {m['auc']:.3f} | DCG acc {m['dcg_accuracy']:.3f} "
+            f"f1 {m['dcg_macro_f1']:.3f} auc {m['dcg_auc']:.3f} | gain f1 {m['gain_macro_f1']:+.3f}")
 
 
 class _null:

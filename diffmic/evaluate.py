@@ -16,8 +16,9 @@ from diffmic.cli import one_line_errors
 
 
 def load_for_evaluation(path: str | Path, overrides: list[str]):
-    """(model, config, temperature) from a bundle or a training checkpoint, with dotted overrides applied to the
-    config; the temperature is the one fitted on validation."""
+    """(model, config, temperatures) from a bundle or a training checkpoint, with dotted overrides applied to the
+    config; the temperatures ({"temperature": head's τ, "dcg_temperature": its DCG's}) are those fitted on
+    validation."""
     import torch
 
     from diffmic.bundle import MANIFEST, load_bundle
@@ -29,10 +30,12 @@ def load_for_evaluation(path: str | Path, overrides: list[str]):
         path = path / "model"
     if (path / MANIFEST).is_file():
         bundle = load_bundle(path)
-        model, cfg, temperature = bundle.model, bundle.config, bundle.temperature
+        model, cfg = bundle.model, bundle.config
+        temperature = {"temperature": bundle.temperature, "dcg_temperature": bundle.dcg_temperature}
     elif (path / STATE_FILE).is_file() or (path / "checkpoint" / STATE_FILE).is_file():
         state = load_state(path if (path / STATE_FILE).is_file() else path / "checkpoint")
-        cfg, model, temperature = state["config"], load_eval_model(state), fitted_temperature(state)
+        cfg, model = state["config"], load_eval_model(state)
+        temperature = {k: fitted_temperature(state, k) for k in ("temperature", "dcg_temperature")}
     else:
         raise FileNotFoundError(f"checkpoint={str(path)!r}: expected a run directory, a checkpoint directory "
                                 f"(with {STATE_FILE}) or an exported bundle (with {MANIFEST})")
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = getattr(data, split)
         start = time.perf_counter()
         with progress_over_images(model, len(dataset), min_total=cfg["train"]["eval_batch_size"]):
-            metrics = evaluate(model.to(session.device), dataset, cfg, session, cfg["seed"], temperature=temperature)
+            metrics = evaluate(model.to(session.device), dataset, cfg, session, cfg["seed"], **temperature)
         metrics.update(split=split, images=len(dataset), seconds=round(time.perf_counter() - start, 2),
                        sampler=cfg["diffusion"]["sampler"], sample_steps=cfg["diffusion"]["sample_steps"])
         from diffmic.checkpoint import to_jsonable

@@ -26,9 +26,12 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = (1.0,)) 
 
 def diffusion_loss(noise: torch.Tensor, eps_fused: torch.Tensor, eps_global: torch.Tensor | None,
                    eps_local: torch.Tensor | None, mmd_weight: float,
-                   bandwidths: Sequence[float] = (1.0,)) -> dict[str, torch.Tensor]:
-    """L = ‖ε − ε̂‖² + λ · (MMD(ε, ε̂_g) + MMD(ε, ε̂_l)); with λ = 0 the two extra branches are not needed."""
+                   bandwidths: Sequence[float] = (1.0,), mmd_target: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """L = ‖ε − ε̂‖² + λ · (MMD(ε, ε̂_g) + MMD(ε, ε̂_l)); with λ = 0 the two extra branches are not needed.
+    `mmd_target` is the true noise when the MSE compares something else (ŷ0 against y0 for a residual head)."""
     mse = F.mse_loss(eps_fused, noise)
+    noise = noise if mmd_target is None else mmd_target
     if mmd_weight == 0 or eps_global is None or eps_local is None:
         zero = mse.new_zeros(())
         return {"loss": mse, "mse": mse, "mmd": zero}

@@ -7,8 +7,11 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
                              recall_score, roc_auc_score)
 
-# Scalar metrics every evaluation reports; the search may optimise any of them (prefixed val_ / test_).
-SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece", "dcg_accuracy")
+# The figures every evaluation reports for the diffusion head, for its own DCG alone (`dcg_<metric>`, same split and
+# rule, the DCG's own fitted temperature) and for the difference (`gain_<metric>` = head − DCG; for ECE a negative
+# gain is the better). The search may optimise any of them (prefixed val_ / test_).
+HEAD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece")
+SCALAR_METRICS = HEAD_METRICS + tuple(f"dcg_{m}" for m in HEAD_METRICS) + tuple(f"gain_{m}" for m in HEAD_METRICS)
 
 
 def prefixed(prefix: str, metrics: dict) -> dict:
@@ -43,7 +46,8 @@ def one_vs_rest_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.ndarray | None = None) -> dict:
-    """Scalar metrics plus per-class recall and the confusion matrix (rows = true class)."""
+    """Scalar metrics plus per-class recall and the confusion matrix (rows = true class); with `dcg_probs`, the same
+    scalars of the DCG alone (`dcg_*`) and the head's gain over it (`gain_*`)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     num_classes = probs.shape[1]
     predicted = probs.argmax(1)
@@ -64,5 +68,9 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.
     if np.isnan(out["kappa"]):  # sklearn gives NaN when both raters use one class; agreement is then perfect or nil
         out["kappa"] = float(out["accuracy"] == 1.0)
     if dcg_probs is not None:
-        out["dcg_accuracy"] = float(accuracy_score(labels, np.asarray(dcg_probs).argmax(1)))
+        dcg = classification_metrics(labels, dcg_probs)
+        for m in HEAD_METRICS:
+            out[f"dcg_{m}"] = dcg[m]
+            out[f"gain_{m}"] = out[m] - dcg[m]
+        out["dcg_per_class_recall"] = dcg["per_class_recall"]
     return out

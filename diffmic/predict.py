@@ -89,6 +89,8 @@ def resolve_settings(bundle: Bundle, sampler: str | None, steps: int | None, eta
     # the official sampler's steps count on the reference chain (diffusion.beta_steps), the others on T
     limit, what = ((schedule.reference_steps, "diffusion.beta_steps") if sampler == "official"
                    else (schedule.timesteps, "diffusion.timesteps"))
+    if sampler == "dcg":  # no chain: steps and samples mean nothing
+        return sampler, None, 0.0, 1
     if steps is not None and not 1 <= int(steps) <= limit:  # checked for ddpm too (which runs all T) to catch a typo
         raise ValueError(f"--steps {steps}: expected 1..{limit} (the bundle's {what})")
     if num_samples < 1:
@@ -125,7 +127,7 @@ def iter_predictions(bundle: Bundle, paths: Sequence[str], sampler: str | None =
         if not tensors:
             continue
         inputs = torch.stack(tensors).to(device)
-        pred = model.predict(inputs, sampler, steps, eta, num_samples, generator, bundle.temperature)
+        pred = model.predict(inputs, sampler, steps, eta, num_samples, generator, bundle.temperature_for(sampler))
         if on_batch is not None:
             on_batch(ok, inputs, pred)
         probs, entropy, spread = (t.float().cpu().tolist() for t in (pred.probs, pred.entropy, pred.sample_std))

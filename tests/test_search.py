@@ -45,7 +45,9 @@ SEARCHED_KEYS = ["diffusion.timesteps", "diffusion.schedule", "train.mmd_weight"
 TINY_SEARCH = [*TINY, "search.space.roi_count.choice=[1,2]", "search.max_concurrent_trials=1",
                "scaling.max_failures=0", "report=false", "dataset.image_size=32",
                # two cheap sampler points (the default grid's full chains of up to 1000 steps cost minutes here)
-               "search.pareto=[{sampler:official},{sampler:ddim,sample_steps:3}]"]
+               "search.pareto=[{sampler:official},{sampler:ddim,sample_steps:3}]",
+               # the controls cost a Ray Train run per dataset: only the test of the controls runs them
+               "search.controls=[]"]
 
 
 def tiny(*changes: str) -> list[str]:
@@ -909,6 +911,49 @@ def test_two_datasets_at_once_pareto_front_and_finalists(ray_tmp, tmp_path):
     meta = json.loads((tmp_path / "point" / "bundle.json").read_text())
     assert meta["sampler"]["sampler"] == "ddim" and meta["sampler"]["sample_steps"] == 3
     assert pd.notna(json.loads(r.stdout.splitlines()[-1])["test_macro_f1"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_search_runs_its_controls_and_shows_the_gain(ray_tmp, tmp_path):
+    """Issue 21 on a real (local) Ray cluster: the DCG of every trial is a point on the front with no denoiser call,
+    the plain control is a Ray Train run measured and tested beside the trials, the exported model is chosen among
+    them all and says its kind, and every table and the report carry the gain."""
+    storage = tmp_path / "results"
+    run = _search(["experiment=ctl", f"storage.uri={storage}", "search.num_samples=2", "search.scheduler=none",
+                   *tiny("search.controls=[dcg,control]", "report=true", "train.epochs=2")], ray_tmp, "ctl.log")
+    _ok(run)
+    out = storage / "ctl"
+    pareto, best, history = (_csv(out / f"{n}.csv") for n in ("pareto", "best", "history"))
+    summary = _csv(out / "summary.csv")
+    dcg = pareto[pareto["model_kind"] == "dcg"]
+    assert set(dcg["trial_id"]) == set(summary["trial_id"]) and (dcg["denoiser_calls_per_image"] == 0).all()
+    assert (dcg["val_gain_macro_f1"].abs() < 1e-9).all()
+    control = pareto[pareto["model_kind"] == "control"]
+    assert list(control["trial_id"]) == ["control"] and (control["denoiser_calls_per_image"] == 0).all()
+    chains = pareto[pareto["model_kind"] == "diffmic"]
+    assert (chains["denoiser_calls_per_image"] > 0).all()
+    for frame in (history, summary, chains):
+        assert {"val_dcg_macro_f1", "val_gain_macro_f1", "val_dcg_auc", "val_gain_accuracy"} <= set(frame.columns)
+    row = best.iloc[0]
+    assert row["model_kind"] in ("diffmic", "dcg", "control")
+    assert row["test_gain_macro_f1"] == pytest.approx(row["test_macro_f1"] - row["test_dcg_macro_f1"])
+    assert pd_notna(row["control_val_macro_f1"]) and pd_notna(row["control_test_macro_f1"])
+    assert row["control_wall_time_s"] > 0
+    # chosen by the one rule among every point, the control's included
+    ranked = pareto.sort_values(["val_macro_f1", "predict_ms_per_image"], ascending=[False, True]).iloc[0]
+    assert row["model_kind"] == ranked["model_kind"]
+    meta = json.loads((out / "best" / "synthetic" / "bundle.json").read_text())
+    assert (meta["sampler"]["sampler"] == "dcg") == (row["model_kind"] != "diffmic")
+    page = (out / "report.html").read_text()
+    assert "The diffusion gain" in page and "val_gain_macro_f1 (head \\u2212 DCG)" in page  # plotly escapes −
+    assert ("did not beat" in page) == (row["model_kind"] != "diffmic")
+    assert "did not beat" in run.tail() if row["model_kind"] != "diffmic" else True
+
+
+def pd_notna(value) -> bool:
+    import pandas as pd
+    return bool(pd.notna(value))
 
 
 @pytest.mark.integration

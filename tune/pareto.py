@@ -46,6 +46,8 @@ def settings(point: dict, cfg: dict) -> dict:
     """A grid point as the diffusion.* overrides it stands for on a trial's config (its own T and preset start)."""
     d = cfg["diffusion"]
     sampler = point["sampler"]
+    if sampler == "dcg":  # no chain: the DCG alone
+        return {"sampler": "dcg", "sample_steps": None, "num_samples": 1}
     if sampler == "ddpm":
         steps = d["timesteps"]  # the whole chain
     elif point.get("sample_steps") is not None:
@@ -73,21 +75,24 @@ def measure_trial(checkpoint_uri: str, grid: list[dict]) -> list[dict]:
         chosen = settings(point, cfg)
         run = {**cfg, "diffusion": {**cfg["diffusion"], **chosen}}
         out = measure(model, data.val, run, session, cfg["seed"], temperature)
-        rows.append({**chosen, **prefixed("val", {k: out[k] for k in SCALAR_METRICS if k in out}),
+        rows.append({**chosen, "model_kind": kind_of(chosen["sampler"]),
+                     **prefixed("val", {k: out[k] for k in SCALAR_METRICS if k in out}),
                      COST: out[COST], "denoiser_calls_per_image": out["denoiser_calls_per_image"],
                      "device": str(session.device)})
     return rows
 
 
-def measure_trials(search, summary: pd.DataFrame) -> pd.DataFrame:
-    """pareto.csv's rows of one dataset: every checkpointed trial at every grid point, trials measured in parallel
-    as Ray tasks with a trial worker's resources."""
+def measure_trials(search, summary: pd.DataFrame, grid: list[dict] | None = None) -> pd.DataFrame:
+    """pareto.csv's rows of one dataset: every checkpointed trial at every grid point (default: search.pareto and
+    the DCG-alone point of search.controls), trials measured in parallel as Ray tasks with a trial worker's
+    resources."""
     import ray
 
     from tune.record import CHECKPOINT
     from tune.results import task_resources
 
-    grid = search.cfg["search"]["pareto"]
+    if grid is None:
+        grid = with_controls(search.cfg["search"]["pareto"], search.cfg["search"]["controls"])
     if not grid or CHECKPOINT not in summary:
         return pd.DataFrame()
     task = ray.remote(**task_resources(search.cfg))(measure_trial)
@@ -102,6 +107,15 @@ def measure_trials(search, summary: pd.DataFrame) -> pd.DataFrame:
                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
     frame = pd.DataFrame(rows)
     return mark_front(frame, search.cfg["search"]["metric"], search.cfg["search"]["mode"]) if len(frame) else frame
+
+
+def with_controls(grid: list[dict], controls: list[str]) -> list[dict]:
+    """The sampler grid with the DCG-alone point added (search.controls names `dcg`): every trial's own guidance
+    network is then a point on the front, at the cost of no denoiser call. An empty grid stays empty: the
+    measurement is off, and the trials are exported as they were validated."""
+    if grid and "dcg" in controls and not any(p.get("sampler") == "dcg" for p in grid):
+        return [*grid, {"sampler": "dcg"}]
+    return list(grid)
 
 
 def mark_front(frame: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
@@ -120,10 +134,12 @@ def mark_front(frame: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
 
 def choose(frame: pd.DataFrame, dataset: str, metric: str, mode: str, max_cost_ms: float | None,
            trial_id: str | None = None) -> pd.Series | None:
-    """The dataset's best point within the cost budget (ties: the cheaper), among one trial's points if given."""
+    """The dataset's best point within the cost budget (ties: the cheaper), among one trial's points and the
+    control's if a trial is given."""
     points = frame[(frame["dataset"] == dataset) & frame[metric].notna()] if len(frame) else frame
     if trial_id is not None and len(points):
-        points = points[points["trial_id"].astype(str) == str(trial_id)]
+        control = points["model_kind"] == "control" if "model_kind" in points else False
+        points = points[(points["trial_id"].astype(str) == str(trial_id)) | control]
     if max_cost_ms is not None and len(points):
         points = points[points[COST] <= max_cost_ms]
     if not len(points):
@@ -133,4 +149,11 @@ def choose(frame: pd.DataFrame, dataset: str, metric: str, mode: str, max_cost_m
 
 def sampling_of(point: pd.Series | None) -> dict | None:
     """A chosen point as the diffusion.* overrides a test and an export use."""
-    return None if point is None else {k: (str(point[k]) if k == "sampler" else int(point[k])) for k in POINT}
+    if point is None:
+        return None
+    return {k: (str(point[k]) if k == "sampler" else None if pd.isna(point[k]) else int(point[k])) for k in POINT}
+
+
+def kind_of(sampler: str) -> str:
+    """What a point of a trial is: the diffusion head (a chain) or its DCG read out alone."""
+    return "dcg" if sampler == "dcg" else "diffmic"

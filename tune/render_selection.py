@@ -1,12 +1,15 @@
-"""The report's sections on how the exported model was selected: the Pareto front of validation metric against
-prediction cost (pareto.csv) and the finalists' repeats (finalists.csv)."""
+"""The report's sections on how the exported model was selected: the diffusion head against its own DCG and the
+plain control (the gain), the Pareto front of validation metric against prediction cost (pareto.csv) and the
+finalists' repeats (finalists.csv)."""
 from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from diffmic.metrics import HEAD_METRICS
+from tune.controls import beaten_sentence
 from tune.pareto import COST
 from tune.record import Results
-from tune.render import esc, fmt, note, plot
+from tune.render import TOP_K, esc, fmt, note, plot
 
 
 def pareto_section(res: Results, dataset: str) -> str:
@@ -53,4 +56,39 @@ def finalists_section(res: Results, dataset: str) -> str:
             "<p class=note>Selected on the mean; only the selected configuration's best repeat is tested.</p>")
 
 
-SELECTION_SECTIONS = (pareto_section, finalists_section)
+def gain_section(res: Results, dataset: str) -> str:
+    """Head, its DCG and the plain control side by side on test (the exported model's trial), the gain = head − DCG,
+    and the gain against epochs for the top trials: whether the diffusion head pays its way."""
+
+    title = "<h3>The diffusion gain: head against its own DCG and a plain classifier</h3>"
+    b = res.best.get(dataset) or {}
+    test, control, kind = b.get("test") or {}, b.get("control") or {}, b.get("model_kind", "diffmic")
+    parts = [title]
+    if kind != "diffmic":
+        parts.append(f"<p class=warn><b>{esc(beaten_sentence(kind))}.</b></p>")
+    if test:
+        head = "head (exported point)" if kind == "diffmic" else f"exported {kind}"
+        rows = [f"<tr><th>{esc(m)}</th><td>{esc(fmt(test.get(m)))}</td><td>{esc(fmt(test.get(f'dcg_{m}')))}</td>"
+                f"<td>{esc(fmt(test.get(f'gain_{m}')))}</td><td>{esc(fmt(control.get(f'control_test_{m}')))}</td>"
+                "</tr>" for m in HEAD_METRICS]
+        parts.append(f"<table class=small><tr class=sub><th>test</th><th>{esc(head)}</th><th>its DCG</th>"
+                     f"<th>gain (head − DCG)</th><th>plain control</th></tr>{''.join(rows)}</table>")
+        if control.get("control_wall_time_s") is not None:
+            parts.append(note(f"The control trained in {fmt(control['control_wall_time_s'])} s (wall)."))
+    metric = res.metric(dataset)
+    gain = "val_gain_" + metric.removeprefix("val_")
+    h, top = res.history, res.ranked(dataset).head(TOP_K)
+    if not h.empty and gain in h and not top.empty:
+        fig = go.Figure()
+        for _, t in top.iterrows():
+            run = h[(h["dataset"].astype(str) == dataset) & (h["trial_id"] == t["trial_id"])].sort_values("epoch")
+            fig.add_trace(go.Scatter(x=run["epoch"], y=run[gain], mode="lines+markers", name=str(t["trial_id"])))
+        fig.add_hline(y=0, line_dash="dot")
+        fig.update_layout(xaxis_title="epoch", yaxis_title=f"{gain} (head − DCG)", xaxis_dtick=1)
+        parts.append(plot(fig, 300))
+    else:
+        parts.append(note("No per-epoch gain in the history (trials from before the gain was recorded)."))
+    return "".join(parts)
+
+
+SELECTION_SECTIONS = (gain_section, pareto_section, finalists_section)

@@ -101,6 +101,11 @@ def open_checkpoint(checkpoint_uri: str, sampling: dict | None = None):
     return cfg, data, model, fitted_temperature(state), state, session
 
 
+def dcg_temperature(state: dict) -> float:
+    from diffmic.checkpoint import fitted_temperature
+    return fitted_temperature(state, "dcg_temperature")
+
+
 def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dict, replace: bool = False,
                     sampling: dict | None = None, explain: bool = False) -> dict:
     """Test metrics of a checkpoint's evaluation weights (EMA / best validation), and optionally the bundle
@@ -111,7 +116,8 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
     from diffmic.engine import evaluate
 
     cfg, data, model, temperature, state, session = open_checkpoint(checkpoint_uri, sampling)
-    test = evaluate(model, data.test, cfg, session, generator_seed=cfg["seed"], temperature=temperature)
+    test = evaluate(model, data.test, cfg, session, generator_seed=cfg["seed"], temperature=temperature,
+                    dcg_temperature=dcg_temperature(state))
     looks = where_it_looks(model, data.test, cfg, temperature, session.device) if explain else None
     val = state["best"]["metrics"] if state.get("best") else {}
     if export_uri is not None:
@@ -151,7 +157,8 @@ def task_resources(cfg: dict) -> dict:
     return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or None}
 
 
-def test_best(search: DatasetSearch, best: pd.Series, export_uri: str | None, sampling: dict | None = None) -> dict:
+def test_best(search: DatasetSearch, best: pd.Series, export_uri: str | None, sampling: dict | None = None,
+              explain: bool = True) -> dict:
     """Evaluate the best trial's best checkpoint on the test split, once, and export it to export_uri (if given)."""
     import ray
 
@@ -160,7 +167,7 @@ def test_best(search: DatasetSearch, best: pd.Series, export_uri: str | None, sa
                        search.cfg["search"]["metric"])
     task = ray.remote(**task_resources(search.cfg))(test_and_export)
     # a resumed search exports again
-    out = ray.get(task.remote(checkpoint_uri, export_uri, about, True, sampling, explain=True))
+    out = ray.get(task.remote(checkpoint_uri, export_uri, about, True, sampling, explain=explain))
     return {**out, "bundle_uri": export_uri, "checkpoint_uri": checkpoint_uri}
 
 

@@ -154,8 +154,8 @@ def max_concurrent(cfg: dict) -> int:
 
 def progress_reporter(search: DatasetSearch):
     metric = search.cfg["search"]["metric"]
-    columns = {metric: metric.replace("val_", "val "), "val_accuracy": "val acc", "val_dcg_accuracy": "DCG acc",
-               "train_loss": "loss", "epoch": "epoch"}
+    columns = {metric: metric.replace("val_", "val "), "val_accuracy": "val acc", "val_dcg_macro_f1": "DCG f1",
+               "val_gain_macro_f1": "gain f1", "train_loss": "loss", "epoch": "epoch"}
     return tune.CLIReporter(metric_columns=columns, parameter_columns={p.key: p.name for p in search.params},
                             max_report_frequency=30, sort_by_metric=True)
 

@@ -57,6 +57,7 @@ def check_search(cfg: dict, known: list[str] | None = None) -> None:
 def check_knobs(s: dict) -> None:
     """One dataset's `search` section."""
     from diffmic.metrics import SCALAR_METRICS
+    from tune.controls import check_controls
     from tune.finalists import REPEAT_MODES
     from tune.space import SearchError
 
@@ -82,6 +83,7 @@ def check_knobs(s: dict) -> None:
         need(key, isinstance(s[key], int) and not isinstance(s[key], bool) and s[key] >= 0, "an integer >= 0")
     need("repeats", not s["finalists"] or s["repeats"] >= 1, "an integer >= 1 when search.finalists > 0")
     need("repeat_mode", s["repeat_mode"] in REPEAT_MODES, " or ".join(REPEAT_MODES))
+    check_controls(s["controls"])
 
 
 def known_datasets(overrides: list[str]) -> list[str] | None:
@@ -242,7 +244,7 @@ def search_dataset(s, export: bool, pool, live) -> dict:
     finalists' repeats, the selected model tested once and exported. Returns its tables and best.json entry."""
     import pandas as pd
 
-    from tune import finalists, pareto
+    from tune import controls, finalists, pareto
     from tune.record import best_entry, best_trial
     from tune.results import test_best, trial_frames
     from tune.resume import snapshot
@@ -266,6 +268,18 @@ def search_dataset(s, export: bool, pool, live) -> dict:
         print(f"[search] {s.dataset}: no trial reported {metric}; nothing to test or export", flush=True)
         return out
     out["pareto"] = points = pareto.measure_trials(s, summary)
+    control = None
+    if "control" in knobs["controls"]:
+        live.phase(s.dataset, "training the plain control")
+        try:
+            control = controls.run_control(s)
+        except Exception as e:  # noqa: BLE001 (the search's own results are still written)
+            print(f"[search] {s.dataset}: the plain control failed ({type(e).__name__}: {e}); run the same "
+                  "command again to retry it", flush=True)
+        if control is not None:
+            out["pareto"] = points = pareto.mark_front(pd.concat(
+                [p.drop(columns="on_front", errors="ignore") for p in (points, controls.control_point(s, control))
+                 if len(p)], ignore_index=True), metric, mode)
     repeats = {}
     if knobs["finalists"]:
         live.phase(s.dataset, "confirming the finalists")
@@ -284,25 +298,35 @@ def search_dataset(s, export: bool, pool, live) -> dict:
             if len(points):
                 points = out["pareto"] = pareto.mark_front(points.drop(columns="on_front"), metric, mode)
     # The default model: the best sampler point within search.max_cost_ms (null: the most accurate), over all
-    # trials; with finalists, over the selected run's points.
+    # trials' points and the controls'; with finalists, over the selected run's points and the control's.
     only = best["trial_id"] if repeats else None
     point = pareto.choose(points, s.dataset, metric, mode, knobs["max_cost_ms"], only)
     if point is None and len(points) and knobs["max_cost_ms"] is not None:
         print(f"[search] {s.dataset}: no sampler point within search.max_cost_ms={knobs['max_cost_ms']}; "
               "exporting the most accurate one", flush=True)
         point = pareto.choose(points, s.dataset, metric, mode, None, only)
-    if point is not None and only is None:
+    kind = str(point["model_kind"]) if point is not None and "model_kind" in point else "diffmic"
+    if kind == "control":
+        best = control
+    elif point is not None and only is None:
         best = summary[summary["trial_id"].astype(str) == str(point["trial_id"])].iloc[0]
     sampling = pareto.sampling_of(point)
     live.phase(s.dataset, "testing the chosen model" + (" and exporting it" if export else ""))
     tested = test_best(s, best, s.record.best_bundle_uri(s.dataset) if export else None, sampling)
+    control_test = None
+    if control is not None:  # the control is tested once too, so that best.csv sets the two side by side
+        control_test = tested["test"] if kind == "control" else test_best(
+            s, control, None, {"sampler": "dcg", "sample_steps": None, "num_samples": 1}, explain=False)["test"]
     if tested.get("explain"):
         s.record.write_explanations(s.dataset, tested["explain"]["items"], tested["explain"]["images"])
     # The point's own validation figure (what it was chosen on) beside its cost; val_* stay the trial's best epoch.
     cost = {f"point_{metric}": float(point[metric]), **{k: float(point[k]) for k in (pareto.COST,
             "denoiser_calls_per_image")}} if point is not None else None
     out["best"] = best_entry(best, [p.key for p in s.params], tested["test"], tested["class_names"],
-                             tested["checkpoint_uri"], tested["bundle_uri"], sampling, cost, repeats)
+                             tested["checkpoint_uri"], tested["bundle_uri"], sampling, cost, repeats,
+                             model_kind=kind, control=controls.control_columns(control, control_test))
+    if kind != "diffmic":
+        print(f"[search] {s.dataset}: {controls.beaten_sentence(kind)}", flush=True)
     return out
 
 
@@ -311,12 +335,15 @@ def print_tables(summary, best, record, report: bool) -> None:
 
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
         cols = [c for c in summary.columns if c not in ("checkpoint_path", "started_at", "ended_at")]
-        shown = [c for c in cols if not c.startswith("val_") or c in ("val_macro_f1", "val_accuracy", "val_dcg_accuracy")]
+        shown = [c for c in cols if not c.startswith("val_") or c in ("val_macro_f1", "val_accuracy",
+                                                                       "val_dcg_macro_f1", "val_gain_macro_f1")]
         print(f"\n== trials ({len(summary)}) ==\n{summary[shown].to_string(index=False)}")
         if len(best):
-            keep = [c for c in best.columns if not c.startswith(("val_", "test_")) or c in
+            keep = [c for c in best.columns if not c.startswith(("val_", "test_", "control_")) or c in
                     ("val_macro_f1", "val_accuracy", "val_macro_f1_mean", "val_macro_f1_sd", "test_macro_f1",
-                     "test_accuracy", "test_balanced_accuracy", "test_kappa", "test_auc", "test_dcg_accuracy")]
+                     "test_accuracy", "test_balanced_accuracy", "test_kappa", "test_auc", "test_dcg_macro_f1",
+                     "test_dcg_accuracy", "test_dcg_auc", "test_gain_macro_f1", "control_test_macro_f1",
+                     "control_test_accuracy", "control_test_auc", "control_wall_time_s")]
             print(f"\n== best model per dataset (chosen on validation, tested once) ==\n{best[keep].T.to_string(header=False)}")
     where = f"\nresults: {record.uri}/{{summary,best}}.csv"
     print(where + (f", report: {record.uri}/report.html" if report else ""), flush=True)

@@ -30,10 +30,32 @@ class Prediction:
     guidance: DCGOutput | None = None  # the DCG's own pass over the images: CAMs and crop positions (diffmic.explain)
 
 
+OUTPUTS = ("eps", "residual")
+
+
 class DiffMIC(nn.Module):
-    def __init__(self, dcg: DCG, denoiser: Denoiser, schedule: NoiseSchedule, num_classes: int):
+    """`output` says what the denoiser's last layer means. "eps" (the paper): the noise ε̂, trained by its MSE.
+    "residual": a correction r to the prior, ŷ0 = ŷ + r, trained by the MSE of ŷ0 against the one-hot label, the
+    noise ε̂ = (y_t − ŷ − √ᾱ_t·r)/√(1−ᾱ_t) then follows from the forward process, so every sampler runs unchanged.
+    An untrained residual head ends every chain on the prior itself: the head starts where its DCG is and training
+    only has to learn where the image says the prior is wrong (bench/bench_gain.py measures both)."""
+
+    def __init__(self, dcg: DCG, denoiser: Denoiser, schedule: NoiseSchedule, num_classes: int,
+                 output: str = "eps"):
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"model.denoiser.output={output!r}: expected one of {', '.join(OUTPUTS)}")
         self.dcg, self.denoiser, self.schedule, self.num_classes = dcg, denoiser, schedule, num_classes
+        self.output = output
+
+    def noise_estimate(self, out: torch.Tensor, y_t: torch.Tensor, prior: torch.Tensor, t: torch.Tensor
+                       ) -> torch.Tensor:
+        """ε̂ from the denoiser's output (itself for "eps"; derived from ŷ0 = ŷ + r for "residual")."""
+        if self.output == "eps":
+            return out
+        a = self.schedule._at(self.schedule.bar_sqrt, t, y_t)
+        s = self.schedule._at(self.schedule.one_minus_alphas_bar_sqrt, t, y_t)
+        return (y_t - prior - a * out) / s
 
     def _apply(self, fn, recurse=True):  # keep the (non-module) schedule on the module's device
         super()._apply(fn, recurse)
@@ -47,8 +69,12 @@ class DiffMIC(nn.Module):
         return Priors(soft(out.fused), soft(out.global_), soft(out.local), out)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor, priors: Priors, mmd_weight: float,
-             mmd_bandwidths=(1.0,), generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Noise MSE on the fused branch + MMD on the global/local branches, one encoder pass for all three."""
+             mmd_bandwidths=(1.0,), generator: torch.Generator | None = None, ce_weight: float = 0.0
+             ) -> dict[str, torch.Tensor]:
+        """Noise MSE on the fused branch + MMD on the global/local branches, one encoder pass for all three.
+        With the "residual" output the fused branch's MSE is taken on ŷ0 instead (every t weighs alike, so the
+        noisy steps, where only the image and the prior can tell the class, are learnt as much as the clean ones).
+        `ce_weight` adds the official code's optional λ_ce · CE(−(ŷ0 − 1)², label) on the fused branch."""
         y0 = nn.functional.one_hot(labels, self.num_classes).float()
         t = antithetic_timesteps(len(labels), self.schedule.timesteps, generator, device=x.device)
         noise = torch.randn(y0.shape, generator=generator, device="cpu" if generator is not None else x.device)
@@ -57,13 +83,28 @@ class DiffMIC(nn.Module):
         # global and local first, then fused: the order in which separate calls updated BN's running statistics
         branches = (priors.global_, priors.local, priors.fused) if mmd_weight else (priors.fused,)
         y_t = torch.cat([self.schedule.q_sample(y0, p, t, noise) for p in branches])
-        eps = self.denoiser(embedding, y_t, torch.cat(branches), t.repeat(len(branches)), len(branches)).float()
+        stacked, times = torch.cat(branches), t.repeat(len(branches))
+        out = self.denoiser(embedding, y_t, stacked, times, len(branches)).float()
+        eps = self.noise_estimate(out, y_t.float(), stacked.float(), times)
         *mmd_branches, fused = eps.chunk(len(branches))
         mmd_branches = mmd_branches or (None, None)
-        return diffusion_loss(noise, fused, *mmd_branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths)
+        y_t_fused = y_t.chunk(len(branches))[-1].float()
+        y0_hat = self.schedule.predict_y0(y_t_fused, priors.fused.float(), fused, t)
+        if self.output == "residual":  # the MSE on ŷ0 = ŷ + r, the MMD still on the noise
+            y0_hat = priors.fused.float() + out.chunk(len(branches))[-1]
+            losses = diffusion_loss(y0, y0_hat, *mmd_branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths,
+                                    mmd_target=noise)
+        else:
+            losses = diffusion_loss(noise, fused, *mmd_branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths)
+        if ce_weight:
+            ce = nn.functional.cross_entropy(-(y0_hat - 1) ** 2, labels)
+            losses["ce"] = ce.detach()
+            losses["loss"] = losses["loss"] + ce_weight * ce
+        return losses
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, phase: str = "diffusion", joint_dcg: bool = True,
-                mmd_weight: float = 0.5, mmd_bandwidths=(1.0,), guidance: str = "eval") -> dict[str, torch.Tensor]:
+                mmd_weight: float = 0.5, mmd_bandwidths=(1.0,), guidance: str = "eval", ce_weight: float = 0.0
+                ) -> dict[str, torch.Tensor]:
         """One training step's losses, as a single forward so that DDP sees every parameter it syncs.
 
         phase "dcg": DCG pre-training, cross-entropy on the fused logits only.
@@ -88,7 +129,7 @@ class DiffMIC(nn.Module):
             self.dcg.train(was_training)
             if joint_dcg:
                 ce = nn.functional.cross_entropy(self.dcg(x).fused.float(), labels)
-        losses = self.loss(x, labels, priors, mmd_weight, mmd_bandwidths)
+        losses = self.loss(x, labels, priors, mmd_weight, mmd_bandwidths, ce_weight=ce_weight)
         if ce is not None:
             losses["dcg_ce"] = ce.detach()
             losses["loss"] = losses["loss"] + ce
@@ -105,7 +146,8 @@ class DiffMIC(nn.Module):
         prior = priors.fused.repeat(num_samples, 1)
 
         def eps_fn(y_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.denoiser(embedding, y_t.to(embedding.dtype), p.to(embedding.dtype), t).float()
+            out = self.denoiser(embedding, y_t.to(embedding.dtype), p.to(embedding.dtype), t).float()
+            return self.noise_estimate(out, y_t, p, t)
 
         y0 = sample(self.schedule, eps_fn, prior, sampler, steps, eta, generator).view(num_samples, len(x), -1)
         probs = torch.softmax(y0 / temperature, dim=2)
@@ -137,4 +179,4 @@ def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: b
                         **init(den_cfg), embedding_bias=den_cfg["embedding_bias"])
     schedule = NoiseSchedule(d["schedule"], d["timesteps"], d["beta_start"], d["beta_end"],
                              beta_steps=d.get("beta_steps"))
-    return DiffMIC(dcg, denoiser, schedule, num_classes)
+    return DiffMIC(dcg, denoiser, schedule, num_classes, output=den_cfg["output"])
