@@ -40,13 +40,13 @@ SETTINGS = {
 METRICS = ("macro_f1", "accuracy", "auc")
 
 
-def breast_layout(out: Path) -> list[str]:
+def breast_layout(out: Path, npz: Path = NPZ) -> list[str]:
     """BreastMNIST as the csv dataset reads it (images/*.png, train.csv with train+val, test.csv)."""
     import numpy as np
     from PIL import Image
 
     if not (out / "test.csv").exists():
-        d = np.load(NPZ)
+        d = np.load(npz)
         (out / "images").mkdir(parents=True, exist_ok=True)
         rows = {"train": ["image,label"], "test": ["image,label"]}
         for split, dest in (("train", "train"), ("val", "train"), ("test", "test")):
@@ -70,9 +70,9 @@ def fixture(kind: str, out: Path) -> list[str]:
     return ["dataset=aptos2019", f"dataset.root={root}"]
 
 
-def dataset_args(name: str, cache: Path) -> list[str]:
+def dataset_args(name: str, cache: Path, npz: Path = NPZ) -> list[str]:
     if name == "breastmnist":
-        return breast_layout(cache / "breastmnist")
+        return breast_layout(cache / "breastmnist", npz)
     if name == "synthetic":
         return ["dataset=synthetic"]
     return fixture(name, cache)
@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: budget=cpu's)")
     p.add_argument("--no-control", action="store_true")
     p.add_argument("--json", help="write every arm's figures here")
+    p.add_argument("--npz", type=Path, default=NPZ, help=f"BreastMNIST's npz (default: {NPZ})")
     a = p.parse_args()
     if a.quick:
         a.datasets, a.sizes, a.settings, a.seeds = "breastmnist", "32", "residual", "0"
@@ -114,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         for name in a.datasets.split(","):
-            base = dataset_args(name, cache)
+            base = dataset_args(name, cache, a.npz)
             for size in (int(s) for s in a.sizes.split(",")):
                 budget = ["budget=cpu", f"dataset.image_size={size}"] + (
                     [f"train.epochs={a.epochs}"] if a.epochs else [])

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffmic.checkpoint import to_jsonable
+from diffmic.config import ConfigError, check_architecture
 from diffmic.errors import DiffmicError
 from diffmic.models import DiffMIC, build_model
 
@@ -104,9 +105,12 @@ def verify_bundle(directory: str | Path) -> dict:
     """Check the manifest against every file; returns the manifest."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
+    if manifest_path.is_symlink() or not manifest_path.is_file():
         raise BundleError(f"bundle {str(directory)!r}: no {MANIFEST} (expected a bundle directory written by a "
                           "training run, tune/search.py or tune.export)")
+    if manifest_path.stat().st_size > MAX_JSON_BYTES:  # checked before it is read: a huge one is not ours
+        raise BundleError(f"bundle {str(directory)!r}: {MANIFEST} is {manifest_path.stat().st_size} bytes (expected "
+                          f"at most {MAX_JSON_BYTES})")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
@@ -142,6 +146,11 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
     verify_bundle(directory)
     config = json.loads((directory / CONFIG).read_text())
     meta = json.loads((directory / META).read_text())
+    try:
+        check_architecture(config)
+    except (ConfigError, KeyError, TypeError) as e:
+        raise BundleError(f"bundle {str(directory)!r}: {CONFIG}: {e if isinstance(e, ConfigError) else 'malformed'}") \
+            from None
     model = build_model(config, len(meta["class_names"]), meta["preprocessing"]["image_size"],
                         initial_weights=False)
     try:

@@ -66,8 +66,11 @@ def load_state(directory: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(directory)!r}: no {STATE_FILE} inside (expected a checkpoint "
                                 f"directory written by diffmic)")
+    import warnings
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+        with warnings.catch_warnings():  # torch's own warning about a refused pickle would precede the one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as e:  # truncated, corrupt, or holding objects weights_only refuses
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:160]}); expected a {STATE_FILE} written by diffmic") from None

@@ -100,6 +100,20 @@ def split_seed(cfg: dict) -> int:
     return int(cfg["seed"] if given is None else given)
 
 
+# Sizes beyond any real model (the paper: 6144 and 1000): a config asking for more is a mistake or a hostile
+# bundle, refused before a model of that size is allocated.
+MAX_FEATURE_DIM, MAX_TIMESTEPS = 65536, 100_000
+
+
+def check_architecture(cfg: dict) -> None:
+    """The values that size the model, checked before it is built (training configs and read-back bundles)."""
+    c = lambda key, ok, expected: _check(cfg, key, ok, expected)  # noqa: E731
+    c("model.denoiser.feature_dim", lambda v: _int(v) and 1 <= v <= MAX_FEATURE_DIM,
+      f"an integer in 1..{MAX_FEATURE_DIM}")
+    c("diffusion.timesteps", lambda v: _int(v) and 2 <= v <= MAX_TIMESTEPS, f"an integer in 2..{MAX_TIMESTEPS}")
+    c("model.dcg.roi_count", lambda v: _int(v) and 1 <= v <= 1024, "an integer in 1..1024")
+
+
 def validate_config(cfg: dict) -> None:
     for key in READ_AS_IS:
         _get(cfg, key)
@@ -125,7 +139,7 @@ def validate_config(cfg: dict) -> None:
     c("train.select_metric", lambda v: v in SCALAR_METRICS, f"one of {', '.join(SCALAR_METRICS)}")
     c("train.select_mode", lambda v: v in ("max", "min"), "max or min")
     c("train.guidance", lambda v: v in ("eval", "shared"), "eval (official: priors from the DCG in eval mode) or shared")
-    c("diffusion.timesteps", lambda v: _int(v) and v >= 2, "an integer >= 2")
+    c("diffusion.timesteps", lambda v: _int(v) and 2 <= v <= MAX_TIMESTEPS, f"an integer in 2..{MAX_TIMESTEPS}")
     c("diffusion.schedule", lambda v: v in USABLE_SCHEDULES,
       f"one of {', '.join(USABLE_SCHEDULES)}" + (" (jsd ends at alpha_bar = 0, where the reverse chain divides by "
                                                   "zero)" if cfg["diffusion"]["schedule"] == "jsd" else ""))
@@ -155,7 +169,7 @@ def validate_config(cfg: dict) -> None:
     c("model.dcg.crop_channels", lambda v: v in ("rgb", "red"), "'rgb' or 'red'")
     c("model.dcg.fusion_weight", lambda v: 0 <= v <= 1, "a value in [0, 1]")
     c("model.dcg.top_t", lambda v: 0 < v <= 1, "a fraction in (0, 1]")
-    c("model.denoiser.feature_dim", lambda v: _int(v) and v >= 1, "an integer >= 1")
+    check_architecture(cfg)
     size, dcg = cfg["dataset"]["image_size"], cfg["model"]["dcg"]
     geo = cam_geometry(size, dcg["output_stride"], dcg["crop_size"])
     c("model.dcg.roi_count", lambda v: v <= geo.positions,

@@ -25,6 +25,7 @@ from diffmic.config import split_seed, validate_config
 from diffmic.data import DataSplits, build_splits
 from diffmic.data.transforms import BatchAugment
 from diffmic.ema import EMA
+from diffmic.intervals import bootstrap_intervals
 from diffmic.metrics import classification_metrics, prefixed
 from diffmic.models import DiffMIC, build_model
 from diffmic.rng import rng_state, seed_everything, set_rng_state
@@ -64,14 +65,15 @@ def _shard(dataset: Dataset, session: Session) -> Subset:
 
 @torch.no_grad()
 def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, generator_seed: int = 0,
-             temperature: float | None = None, dcg_temperature: float | None = None) -> dict:
+             temperature: float | None = None, dcg_temperature: float | None = None, intervals: bool = False) -> dict:
     """Whole-split metrics of the diffusion prediction and of the DCG alone (`dcg_*`, and `gain_*` = head − DCG),
     gathered across workers.
 
     Class probabilities are softmax(ŷ0 / τ) (diffmic.calibration) with the given `temperature`; None fits τ on this
     split (the validation split, whose τ then serves test and prediction). The τ used is returned as `temperature`.
     The DCG's probabilities get a temperature of their own the same way (`dcg_temperature`), so that both figures
-    are calibrated alike.
+    are calibrated alike. `intervals` (a test figure) adds bootstrap 95 % intervals, `<metric>_lo/_hi`
+    (diffmic.intervals).
     """
     d, t = cfg["diffusion"], cfg["train"]
     shard = _shard(dataset, session)
@@ -109,6 +111,8 @@ def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, gene
     metrics["mean_entropy"] = float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(1).mean()) if len(probs) else 0.0
     metrics["temperature"] = float(temperature)
     metrics["dcg_temperature"] = float(dcg_temperature)
+    if intervals:
+        metrics.update(bootstrap_intervals(merged["labels"], probs, seed=generator_seed))
     return metrics
 
 
@@ -352,7 +356,7 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
     if t["test_at_end"]:  # a search trial never looks at test; its best model is tested once, later
         test = evaluate(core, data.test, cfg, session, generator_seed=seed,  # the τ fitted on validation
                         temperature=best["metrics"].get("temperature", 1.0),
-                        dcg_temperature=best["metrics"].get("dcg_temperature", 1.0))
+                        dcg_temperature=best["metrics"].get("dcg_temperature", 1.0), intervals=True)
     result = RunResult(val=best["metrics"], test=test, history=history, best_epoch=best["epoch"])
     session.finish(result, core, cfg, data.class_names)
     summary = f"best val {select} ({selection.mode}) {best['value']:.3f} at epoch {best['epoch']}"

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         dataset = getattr(data, split)
         start = time.perf_counter()
         with progress_over_images(model, len(dataset), min_total=cfg["train"]["eval_batch_size"]):
-            metrics = evaluate(model.to(session.device), dataset, cfg, session, cfg["seed"], **temperature)
+            metrics = evaluate(model.to(session.device), dataset, cfg, session, cfg["seed"], **temperature,
+                               intervals=True)
         metrics.update(split=split, images=len(dataset), seconds=round(time.perf_counter() - start, 2),
                        sampler=cfg["diffusion"]["sampler"], sample_steps=cfg["diffusion"]["sample_steps"])
         from diffmic.checkpoint import to_jsonable

@@ -133,8 +133,10 @@ def iter_predictions(bundle: Bundle, paths: Sequence[str], sampler: str | None =
         probs, entropy, spread = (t.float().cpu().tolist() for t in (pred.probs, pred.entropy, pred.sample_std))
         for i, path in enumerate(ok):
             best = max(range(len(names)), key=probs[i].__getitem__)
+            # one chain has no spread: its std is left empty rather than a 0 that reads as certainty
             yield {"path": path, "predicted": names[best], "confidence": probs[i][best], "entropy": entropy[i],
-                   "sample_std": spread[i], **{f"prob_{c}": p for c, p in zip(names, probs[i])}}
+                   "sample_std": spread[i] if num_samples > 1 else None,
+                   **{f"prob_{c}": p for c, p in zip(names, probs[i])}}
 
 
 def predict_paths(bundle: Bundle, paths: Sequence[str], sampler: str | None = None, steps: int | None = None,
@@ -197,6 +199,24 @@ def write_csv(path: str, rows: list[dict], class_names: Sequence[str]) -> None:
         writer.writerows([cell(row.get(c, "")) for c in columns] for row in rows)
 
 
+def check_destinations(output: str | None, explain: str | None) -> None:
+    """--output must be a file we can create, --explain a directory we can create: said before the work, not after."""
+    if output is not None:
+        target = Path(output).expanduser()
+        if target.is_dir():
+            raise ValueError(f"--output {output}: is a directory (expected a CSV file to write)")
+        if not target.parent.is_dir():
+            raise ValueError(f"--output {output}: its folder {str(target.parent)!r} does not exist")
+    if explain is not None:
+        target = Path(explain).expanduser()
+        for parent in (target, *target.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(f"--explain {explain}: {str(parent)!r} exists and is not a directory "
+                                     "(expected a directory to write the figures into)")
+                break
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[1])
     p.add_argument("model", metavar="MODEL_URI", help="bundle directory (or a run directory with model/), or s3://…")
@@ -219,11 +239,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict] = []
     failures = 0
     with one_line_errors(PROGRAM):
+        check_destinations(args.output, args.explain)  # before any image is predicted
         paths = find_images(args.images)
         bundle = open_bundle(args.model)
         names = bundle.class_names
         sampler, steps, eta, samples = resolve_settings(bundle, args.sampler, args.steps, args.eta, args.samples)
         on_batch = explanation_writer(bundle, args.explain) if args.explain else None
+        if samples < 2:
+            print(f"{PROGRAM}: note: sample_std is left empty: one chain per image (S=1) has no spread "
+                  f"(--samples 8 gives one)", file=sys.stderr)
         with Progress(len(paths), "images", PROGRAM, min_total=args.batch_size) as progress:
             for item in iter_predictions(bundle, paths, sampler, steps, eta, samples, args.batch_size, args.device,
                                          args.seed, on_batch):

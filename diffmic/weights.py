@@ -32,11 +32,23 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"backbone weights {str(path)!r}: file not found (expected a local .safetensors or .pth)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    import warnings
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        with warnings.catch_warnings():  # torch's own warning about the file would come before our one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, not a weights file, or a pickle holding objects (never unpickled)
+        raise WeightsError(f"backbone weights {str(path)!r} cannot be read ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:120]}); expected a .safetensors file or a .pth holding a "
+                           "state dict of tensors") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"backbone weights {str(path)!r}: expected a state dict of tensors, found "
+                           f"{type(state).__name__}")
+    return state
 
 
 def hub_model(name: str, stream: str = "dcg", **kwargs) -> torch.nn.Module:

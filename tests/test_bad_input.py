@@ -99,6 +99,80 @@ def images(tmp: Path) -> str:
     return str(tmp / "img")
 
 
+class Payload:
+    """What a hostile weights file would carry: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def weights_file(tmp: Path, kind: str) -> str:
+    """Issue 24's weights files: another architecture's, a corrupt safetensors, pickle payloads, a text file."""
+    import pickle
+
+    import torch
+    if kind == "other":
+        import timm
+        path = tmp / "resnet18.pth"
+        torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), path)
+    elif kind == "corrupt":
+        path = tmp / "bad.safetensors"
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+    elif kind == "torch-payload":
+        path = tmp / "payload.pth"
+        torch.save({"w": Payload()}, path)
+    elif kind == "pickle-payload":
+        path = tmp / "plain.pth"
+        path.write_bytes(pickle.dumps({"w": Payload()}))
+    else:
+        path = tmp / "notes.pth"
+        path.write_text("these are not weights\n")
+    return str(path)
+
+
+def weights_case(kind: str):
+    return lambda t: [*TINY_CLI[:-1], "model.dcg.pretrained=true", f"model.dcg.weights={weights_file(t, kind)}",
+                      f"output_dir={t}/run"]
+
+
+def rehashed(bundle: Path) -> None:
+    import hashlib
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"] = {n: hashlib.sha256((bundle / n).read_bytes()).hexdigest() for n in manifest["files"]}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def huge_denoiser_bundle(tmp: Path, trained: Path) -> str:
+    import shutil
+    bundle = Path(shutil.copytree(trained / "model", tmp / "huge"))
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["model"]["denoiser"]["feature_dim"] = 1_000_000_000
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    rehashed(bundle)
+    return str(bundle)
+
+
+def huge_manifest_bundle(tmp: Path, trained: Path) -> str:
+    import shutil
+    bundle = Path(shutil.copytree(trained / "model", tmp / "bigmanifest"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["padding"] = "x" * (5 << 20)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return str(bundle)
+
+
+def pickled_checkpoint(tmp: Path) -> str:
+    import torch
+    (tmp / "evil" / "checkpoint").mkdir(parents=True)
+    torch.save({"epoch": 1, "model": Payload(), "config": {}}, tmp / "evil" / "checkpoint" / "state.pt")
+    return str(tmp / "evil")
+
+
+def a_file(tmp: Path) -> str:
+    (tmp / "afile").write_text("x")
+    return str(tmp / "afile")
+
+
 # name: (program, arguments (callables get tmp_path, or tmp_path and the trained run), text the line must contain)
 CATALOGUE = {
     "mistyped config key": (TRAIN, ["train.lrr=1e-3"], "train.lrr: no such key in the config; did you mean train.lr?"),
@@ -126,6 +200,45 @@ CATALOGUE = {
     "empty search space": (SEARCH, ["search.space={}"], "does not empty the space"),
     "search: mistyped key": (SEARCH, ["search.num_sample=2"], "did you mean search.num_samples?"),
     "report port out of range": (REPORT, lambda t: [str(t), "--port", "99999"], "--port 99999: expected 0"),
+    # issue 24
+    "weights of another architecture": (TRAIN, weights_case("other"), "do not fit 'test_resnet'"),
+    "corrupt safetensors weights": (TRAIN, weights_case("corrupt"), "bad.safetensors' cannot be read"),
+    "torch.save'd pickle payload as weights": (TRAIN, weights_case("torch-payload"), "payload.pth' cannot be read"),
+    "plain pickle payload as weights": (TRAIN, weights_case("pickle-payload"), "plain.pth' cannot be read"),
+    "a text file as weights": (TRAIN, weights_case("text"), "notes.pth' cannot be read"),
+    "explain into a path under a file": (PREDICT, lambda t, r: [str(r / "model"), images(t), "--explain",
+                                                                f"{a_file(t)}/sub"], "exists and is not a directory"),
+    "output onto a directory": (PREDICT, lambda t, r: [str(r / "model"), images(t), "--output", str(t)],
+                                "is a directory (expected a CSV file"),
+    "a bundle asking for a huge denoiser": (PREDICT, lambda t, r: [huge_denoiser_bundle(t, r), images(t)],
+                                            "model.denoiser.feature_dim=1000000000: expected an integer in 1..65536"),
+    "a bundle with a huge manifest": (PREDICT, lambda t, r: [huge_manifest_bundle(t, r), images(t)],
+                                      "manifest.json is 52"),
+    "evaluate a checkpoint holding a pickle payload": (EVALUATE, lambda t: [f"checkpoint={pickled_checkpoint(t)}"],
+                                                       "cannot be loaded"),
+    "search: a synthetic key in a folder search": (
+        SEARCH, lambda t: ["datasets=[folder]", f"dataset.root={t}", "dataset.num_train=96"],
+        "dataset.num_train: no such key"),
+    "search: per-dataset key for a dataset not searched": (
+        SEARCH, ["datasets=[synthetic]", "datasets.pkl.dataset.train_list=x.pkl"], "'pkl' is not searched"),
+    "search: optuna storage without its driver": (
+        SEARCH, ["search.optuna_storage=postgresql://u:SECRETPW@127.0.0.1/db"], "search.optuna_storage=postgresql://u:"),
+    "search: max_cost_ms with no sampler point": (SEARCH, ["search.max_cost_ms=10", "search.pareto=[]"],
+                                                  "search.max_cost_ms=10: expected null when search.pareto=[]"),
+    "search: tensorboard not a boolean": (SEARCH, ["tracking.tensorboard=maybe"], "tracking.tensorboard='maybe'"),
+    "search: tracking URI with a bad scheme": (SEARCH, ["tracking=mlflow", "tracking.uri=htp:/nohost"],
+                                               "tracking.uri=htp:/nohost: expected an MLflow tracking URI"),
+    "search: tracking URI without a scheme": (SEARCH, ["tracking=mlflow", "tracking.uri=127.0.0.1:5000"],
+                                              "tracking.uri=127.0.0.1:5000: expected an MLflow tracking URI"),
+    # the README's commands for the pkl and csv lists: their keys reach their dataset (the root is what is wrong)
+    "search: pkl list key reaches the pkl dataset": (
+        SEARCH, lambda t: ["datasets=[pkl]", f"dataset.root={t}/none", "dataset.train_list=x_train.pkl"],
+        "dataset pkl"),
+    "search: csv key reaches the csv dataset": (
+        SEARCH, lambda t: ["datasets=[csv]", f"dataset.root={t}/none", "dataset.train_csv=mine.csv"], "dataset csv"),
+    "search: per-dataset key": (
+        SEARCH, lambda t: ["datasets=[synthetic,csv]", f"roots.csv={t}/none", "datasets.csv.dataset.train_csv=m.csv"],
+        "dataset csv"),
 }
 
 
@@ -141,6 +254,7 @@ def test_bad_input_is_one_line(case, tmp_path, request):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert len(lines) == 1 and ": error: " in lines[0] and expected in lines[0], r.stderr[-2000:]
+    assert "SECRETPW" not in r.stderr + r.stdout and "payload ran" not in r.stderr + r.stdout
     if case == "train into an existing run":
         assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["metrics.json"]
     if case in ("single class", "pixel data corrupt inside valid chunks", "resume with nothing to resume"):

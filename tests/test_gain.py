@@ -151,3 +151,15 @@ def test_the_choice_includes_the_control_and_names_its_kind():
     assert pareto.choose(points.iloc[:2], "d", "val_macro_f1", "max", None)["model_kind"] == "dcg"
     assert pareto.sampling_of(pd.Series({"sampler": "dcg", "sample_steps": np.nan, "num_samples": 1})) == \
         {"sampler": "dcg", "sample_steps": None, "num_samples": 1}
+
+
+def test_the_asha_rank_check_reads_a_history(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_asha_rank", Path(__file__).resolve().parents[1] / "bench" / "bench_asha_rank.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    history = pd.DataFrame({"trial_id": ["a", "b", "c"] * 2, "epoch": [1, 1, 1, 2, 2, 2],
+                            "val_macro_f1": [0.1, 0.2, 0.3, 0.9, 0.5, 0.4]})
+    assert bench.ranks(history, "val_macro_f1") == [(1, pytest.approx(-1.0)), (2, pytest.approx(1.0))]

@@ -224,3 +224,12 @@ def test_predict_from_s3(run, s3_server, s3_bucket, tmp_path, monkeypatch, capsy
         remote = list(csv.DictReader(f))
     assert [r["predicted"] for r in remote] == [r["predicted"] for r in rows] and len(out.splitlines()) == 3
     assert any((tmp_path / "cache").rglob("model.safetensors"))
+
+
+def test_one_chain_leaves_the_spread_empty_and_says_why(run, capsys):
+    """Issue 22: S = 1 has no spread; a 0 would read as certainty."""
+    bundle = load_bundle(run["bundle"])
+    rows, _ = predict_paths(bundle, run["paths"], num_samples=1)
+    assert all(row["sample_std"] is None for row in rows)
+    code, out, err = cli(capsys, run["bundle"], *run["paths"], "--samples", "1")
+    assert code == 0 and "sample_std is left empty" in err and "std " not in out

@@ -190,7 +190,7 @@ def test_a_bad_repeat_mode_is_one_line_naming_it():
     import yaml
 
     from diffmic.cli import CONFIG_DIR
-    from tune.search import check_knobs
+    from tune.checks import check_knobs
     from tune.space import SearchError
 
     knobs = yaml.safe_load((CONFIG_DIR / "search" / "default.yaml").read_text())

@@ -17,6 +17,7 @@ import pytest
 
 from helpers import compose
 from tune import tracking
+from tune.checks import check_tracking
 from tune.record import Record
 from tune.space import Param, SearchError
 from tune.storage import LocalStorage, open_storage
@@ -84,15 +85,15 @@ def _hparams(acc) -> dict:
 
 # ---------------------------------------------------------------------------------------------- config
 def test_mlflow_needs_a_uri_without_a_password():
-    tracking.check(compose([], "search"))
+    check_tracking(compose([], "search"))
     cfg = compose(["tracking=mlflow"], "search")
     assert cfg["tracking"] == {"name": "mlflow", "tensorboard": True, "uri": None, "experiment_name": None}
     with pytest.raises(SearchError) as e:
-        tracking.check(cfg)
+        check_tracking(cfg)
     assert str(e.value) == "tracking.uri=None: expected the MLflow tracking server's URI, e.g. http://127.0.0.1:5000"
     with pytest.raises(SearchError, match=r"tracking.uri=http://me:\*\*\*@host:5000: expected no password"):
-        tracking.check(compose(["tracking=mlflow", "tracking.uri=http://me:pw@host:5000"], "search"))
-    tracking.check(compose(["tracking=mlflow", "tracking.uri=http://127.0.0.1:5000"], "search"))
+        check_tracking(compose(["tracking=mlflow", "tracking.uri=http://me:pw@host:5000"], "search"))
+    check_tracking(compose(["tracking=mlflow", "tracking.uri=http://127.0.0.1:5000"], "search"))
 
 
 # ---------------------------------------------------------------------------------------------- TensorBoard

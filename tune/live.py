@@ -232,7 +232,7 @@ def last_epoch(view: TrialView) -> int:
 def describe_progress(p: dict) -> str:
     """`running: 3 of 8 trials finished (1 stopped early), 2 running, 3 pending; best val_macro_f1 0.912 (trial
     ab12); ETA 0:05:12`, or the dataset's phase once its trials have ended."""
-    from tune.render import fmt, hms
+    from tune.render_parts import fmt, hms
 
     done = f"{p['finished']} of {p['total']} trials finished"
     extra = [f"{p['stopped']} stopped early"] * bool(p["stopped"]) + [f"{p['errors']} failed"] * bool(p["errors"])

@@ -3,12 +3,8 @@ opens, every value from the record escaped. Missing optional pieces (no best tri
 """
 from __future__ import annotations
 
-import html
-import itertools
-import json
 import math
 import numbers
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -21,63 +17,9 @@ from plotly.subplots import make_subplots
 
 from diffmic.secrets import redact
 from tune.record import Results
-
-STATUS_COLOURS = {"COMPLETED": "#2a9d8f", "STOPPED_EARLY": "#f4a261", "ERROR": "#e63946", "NO_RESULT": "#8d99ae",
-                  "RUNNING": "#457b9d", "PENDING": "#ced4da"}  # the last two on a running search's page
-TOP_K = 5
-
-
-# ---------------------------------------------------------------- html helpers
-def esc(value) -> str:
-    """Escaped text; a URL's user:password@ part (should anyone put one in a URI) is masked."""
-    return html.escape(re.sub(r"(\w://)[^/@\s]+@", r"\1***@", str(value)))
-
-
-def fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    return f"{float(value):.4g}" if isinstance(value, (float, np.floating)) else str(value)
-
-
-def hms(seconds) -> str:
-    if seconds is None or not math.isfinite(float(seconds)):
-        return "unknown"
-    s = int(round(float(seconds)))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def is_numeric(col: pd.Series) -> bool:
-    return pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
-
-
-def note(text: str) -> str:
-    return f"<p class=note>{esc(text)}</p>"
-
-
-_PLOT_IDS = itertools.count()
-_CONFIG = json.dumps({"displaylogo": False, "responsive": True})
-
-
-def plot(fig: go.Figure, height: int = 360) -> str:
-    """A figure as a div and the call that draws it (plotly.js itself is embedded once, in the page head).
-
-    The figure goes in as JSON with <, > and & written as \\u escapes: a value from the record (a class name, a
-    trial id) can then never close the script or open a tag, and plotly still shows it as the text it is."""
-    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=40, b=50))
-    spec = fig.to_json().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    div = f"plot-{next(_PLOT_IDS)}"
-    return (f'<div id="{div}" class="plotly-graph-div" style="height:{height}px;width:100%"></div><script>'
-            f'(function(){{var f={spec};Plotly.newPlot("{div}",f.data,f.layout,{_CONFIG});}})();</script>')
-
-
-def by_status(trials: pd.DataFrame, trace, **kw) -> list:
-    """One trace per status present (colour = status, named in the legend); kw values that are Series are masked."""
-    statuses = dict.fromkeys([*STATUS_COLOURS, *trials["status"]])  # a status of some other writer: grey
-    return [trace(name=s, legendgroup=s, marker_color=STATUS_COLOURS.get(s, "#6c757d"),
-                  **{k: v[m] if isinstance(v, pd.Series) else v for k, v in kw.items()})
-            for s in statuses if (m := trials["status"] == s).any()]
+from tune import render_looks
+from tune.render_parts import TOP_K, by_status, esc, fmt, hms, is_numeric, note, plot, with_interval
+from tune.render_selection import SELECTION_SECTIONS
 
 
 # ---------------------------------------------------------------- sections
@@ -129,7 +71,8 @@ def best_section(res: Results, dataset: str) -> str:
         return "<h3>Best trial</h3>" + note(f"No best trial for {dataset}: no trial reported {res.metric(dataset)} with a "
                                             f"checkpoint ({statuses or 'no trials'}).")
     val, test, rep = b.get("val", {}), b.get("test", {}), b.get("repeats") or {}
-    names = [k for k in dict.fromkeys([*val, *test]) if not isinstance(val.get(k, test.get(k)), (list, dict))]
+    names = [k for k in dict.fromkeys([*val, *test]) if not isinstance(val.get(k, test.get(k)), (list, dict))
+             and not k.endswith(("_lo", "_hi")) and not k.startswith("interval_")]
 
     def spread(k: str) -> str:  # mean ± sd over the finalists' repeats of the selected configuration
         mean, sd = rep.get(f"val_{k}_mean"), rep.get(f"val_{k}_sd")
@@ -137,15 +80,17 @@ def best_section(res: Results, dataset: str) -> str:
 
     cols = 4 if rep else 3
     rows = [f"<tr><th>{esc(k)}</th><td>{esc(fmt(val.get(k)))}</td>{spread(k) if rep else ''}"
-            f"<td>{esc(fmt(test.get(k)))}</td></tr>" for k in names]
+            f"<td>{esc(with_interval(test, k))}</td></tr>" for k in names]
     rows += [f"<tr class=sub><th colspan={cols}>parameters</th></tr>"]
     rows += [f"<tr><th>{esc(k)}</th><td colspan={cols - 1}>{esc(fmt(v))}</td></tr>"
              for k, v in {**b.get("params", {}), **(b.get("sampling") or {}), **(b.get("point") or {})}.items()]
     rows += [f"<tr><th>{k}</th><td colspan={cols - 1} class=uri>{esc(b[k])}</td></tr>"
              for k in ("checkpoint_uri", "bundle_uri") if b.get(k)]
     head = "<th>val (mean ± sd over repeats)</th>" if rep else ""
+    level = test.get("interval_level")
+    testhead = f"test [{level:.0%} bootstrap interval]" if level else "test"
     left = (f"<p>Trial <b>{esc(b.get('trial_id', '?'))}</b>, chosen on validation {esc(res.metric(dataset))} ({esc(res.searches[dataset]['mode'])}), tested once.</p>"
-            f"<table class=small><tr class=sub><th>metric</th><th>val</th>{head}<th>test</th></tr>{''.join(rows)}</table>")
+            f"<table class=small><tr class=sub><th>metric</th><th>val</th>{head}<th>{esc(testhead)}</th></tr>{''.join(rows)}</table>")
     return f"<h3>Best trial</h3><div class=grid2><div>{left}</div><div>{confusion(b)}</div></div>"
 
 
@@ -158,7 +103,10 @@ def confusion(best: dict) -> str:
                                hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>"))
     fig.update_layout(title="Test confusion matrix", xaxis_title="predicted", yaxis_title="true",
                       yaxis_autorange="reversed", xaxis_type="category", yaxis_type="category")
-    recall = " · ".join(f"{n} {float(r):.3f}" for n, r in zip(names, best["test"].get("per_class_recall") or []))
+    test = best["test"]
+    lo, hi = test.get("per_class_recall_lo") or [], test.get("per_class_recall_hi") or []
+    recall = " · ".join(f"{n} {float(r):.3f}" + (f" [{lo[i]:.3f}, {hi[i]:.3f}]" if i < len(lo) and i < len(hi) else "")
+                        for i, (n, r) in enumerate(zip(names, test.get("per_class_recall") or [])))
     return plot(fig, 340 + 12 * len(names)) + (note(f"Per-class test recall: {recall}") if recall else "")
 
 
@@ -373,18 +321,12 @@ def dataset_section(res: Results, dataset: str) -> str:
     parts = [f'<section id="ds-{esc(dataset)}"><h2>Dataset: {esc(dataset)} ({len(trials)} trials)</h2>']
     if len(trials) and (trials["status"] == "ERROR").all():
         parts.append(note("Every trial of this dataset failed (status ERROR): see the Ray Tune logs."))
-    from tune.render_selection import SELECTION_SECTIONS  # here: that module uses this one's helpers
-
     sections = (SECTIONS[0], *SELECTION_SECTIONS, *SECTIONS[1:])
     return "".join(parts + [section(res, dataset) for section in sections]) + "</section>"
 
 
-
-
 def render(res: Results) -> str:
     """The page: plotly.js inline once, then each section; AWS secrets of this environment redacted."""
-    from tune import render_looks  # here: that module uses this one's helpers
-
     body = (header(res) + "".join(dataset_section(res, d) for d in res.datasets)
             + render_looks.where_it_looks_section(res) + trial_table(res))
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>DiffMIC search {esc(res.experiment)}"

@@ -12,7 +12,7 @@ import base64
 import math
 
 from tune.record import Results
-from tune.render import esc, note
+from tune.render_parts import esc, note
 
 DISPLAY = 224  # px on the page for the longer side of an image
 BAR_W, BAR_H = 150, 12  # the spread chart: one bar per class, a tick per sampled chain

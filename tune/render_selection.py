@@ -9,7 +9,7 @@ from diffmic.metrics import HEAD_METRICS
 from tune.controls import beaten_sentence
 from tune.pareto import COST
 from tune.record import Results
-from tune.render import TOP_K, esc, fmt, note, plot
+from tune.render_parts import TOP_K, esc, fmt, note, plot
 
 
 def pareto_section(res: Results, dataset: str) -> str:

@@ -117,7 +117,7 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
 
     cfg, data, model, temperature, state, session = open_checkpoint(checkpoint_uri, sampling)
     test = evaluate(model, data.test, cfg, session, generator_seed=cfg["seed"], temperature=temperature,
-                    dcg_temperature=dcg_temperature(state))
+                    dcg_temperature=dcg_temperature(state), intervals=True)
     looks = where_it_looks(model, data.test, cfg, temperature, session.device) if explain else None
     val = state["best"]["metrics"] if state.get("best") else {}
     if export_uri is not None:

@@ -16,91 +16,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tune/search.py` from any working copy
 
-from diffmic.cli import CONFIG_DIR, check_overrides, one_line_errors, to_plain  # noqa: E402
+from diffmic.cli import CONFIG_DIR, one_line_errors, to_plain  # noqa: E402
+from tune.checks import check_knobs, check_search, check_search_overrides, known_datasets  # noqa: E402
 
-SAMPLERS, SCHEDULERS, MODES = ("tpe", "random", "cmaes", "qmc"), ("asha", "none"), ("max", "min")
-
-
-def check_search(cfg: dict, known: list[str] | None = None) -> None:
-    """The search as a whole: its datasets, their roots, the experiment name. Each dataset's own search knobs (a
-    search_preset may set them) are checked on its composed config by check_knobs."""
-    from diffmic.config import check_name
-    from tune.space import SearchError
-
-    datasets = cfg["datasets"]
-    known = known or sorted(p.stem for p in (CONFIG_DIR / "dataset").glob("*.yaml"))
-    if not datasets or not isinstance(datasets, list):
-        raise SearchError(f"datasets={datasets!r}: expected a non-empty list, e.g. datasets=[synthetic]")
-    for name in datasets:
-        if name not in known:
-            raise SearchError(f"datasets: unknown dataset {name!r}: expected one of {', '.join(known)} "
-                              f"(or a file configs/dataset/{name}.yaml)")
-    roots = cfg["roots"] or {}
-    if not isinstance(roots, dict):
-        raise SearchError(f"roots={roots!r}: expected a mapping of dataset name to root, e.g. roots.isic2018=/data/isic")
-    for name, root in roots.items():
-        if name not in datasets:
-            raise SearchError(f"roots.{name}={root!r}: {name!r} is not searched; expected one of datasets="
-                              f"[{', '.join(datasets)}]")
-    check_name("experiment", cfg["experiment"])
-    for key in ("trust_ray_state", "report", "export"):
-        if not isinstance(cfg[key], bool):
-            raise SearchError(f"{key}={cfg[key]!r}: expected true or false")
-    from tune import tracking
-    tracking.check(cfg)
-    every = cfg["report_every_s"]
-    if not isinstance(every, (int, float)) or isinstance(every, bool) or every <= 0:
-        raise SearchError(f"report_every_s={every!r}: expected seconds > 0 (how often the live report may be "
-                          "rewritten)")
-
-
-def check_knobs(s: dict) -> None:
-    """One dataset's `search` section."""
-    from diffmic.metrics import SCALAR_METRICS
-    from tune.controls import check_controls
-    from tune.finalists import REPEAT_MODES
-    from tune.space import SearchError
-
-    def need(key: str, ok: bool, expected: str) -> None:
-        if not ok:
-            raise SearchError(f"search.{key}={s.get(key)!r}: expected {expected}")
-
-    need("num_samples", isinstance(s["num_samples"], int) and s["num_samples"] >= 1, "an integer >= 1")
-    metrics = [f"val_{m}" for m in SCALAR_METRICS]
-    need("metric", s["metric"] in metrics, f"a reported validation metric: {', '.join(metrics)}")
-    need("mode", s["mode"] in MODES, "max or min")
-    need("sampler", s["sampler"] in SAMPLERS, f"one of {', '.join(SAMPLERS)}")
-    need("scheduler", s["scheduler"] in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
-    need("grace_period", isinstance(s["grace_period"], int) and s["grace_period"] >= 1, "an integer >= 1")
-    need("reduction_factor", s["reduction_factor"] >= 2, "a number >= 2")
-    need("max_concurrent_trials", s["max_concurrent_trials"] is None or s["max_concurrent_trials"] >= 1,
-         "null or an integer >= 1")
-    need("time_budget_s", s["time_budget_s"] is None or s["time_budget_s"] > 0, "null or seconds > 0")
-    need("max_cost_ms", s["max_cost_ms"] is None or (isinstance(s["max_cost_ms"], (int, float))
-                                                     and not isinstance(s["max_cost_ms"], bool)
-                                                     and s["max_cost_ms"] > 0), "null or milliseconds > 0")
-    for key in ("finalists", "repeats"):
-        need(key, isinstance(s[key], int) and not isinstance(s[key], bool) and s[key] >= 0, "an integer >= 0")
-    need("repeats", not s["finalists"] or s["repeats"] >= 1, "an integer >= 1 when search.finalists > 0")
-    need("repeat_mode", s["repeat_mode"] in REPEAT_MODES, " or ".join(REPEAT_MODES))
-    check_controls(s["controls"])
-
-
-def known_datasets(overrides: list[str]) -> list[str] | None:
-    """The `dataset` configs Hydra can compose: configs/dataset/ and any `hydra.searchpath=[…]` given."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    if not GlobalHydra.instance().is_initialized():
-        return None
-    searchpath = [o for o in overrides if o.startswith("hydra.searchpath=")]
-    return sorted(GlobalHydra.instance().config_loader().get_group_options("dataset", config_name="search",
-                                                                           overrides=searchpath))
-
-
-def plan(cfg: dict, overrides: list[str]):
+def plan(cfg: dict, overrides: list[str], own: dict[str, list[str]] | None = None):
     """Every check a search needs, before Ray starts: search knobs, storage, each dataset's config, space, weights,
-    data. Each dataset composes its own config (its preset and search preset) and gets its own root."""
+    data. Each dataset composes its own config (its preset and search preset) and gets its own root; `own` holds the
+    overrides of one dataset each (`datasets.NAME.KEY=V`, tune/overrides.py)."""
     from hydra import compose
+
+    from diffmic.config import dotted_keys
+    from tune.overrides import for_dataset
 
     from diffmic.errors import DiffmicError
     from tune.resume import verify_ray_state
@@ -111,10 +37,11 @@ def plan(cfg: dict, overrides: list[str]):
     storage = open_storage(cfg["storage"]["uri"], create_bucket=cfg["storage"]["create_bucket"])
     if cfg["resume"] and not storage.exists(cfg["experiment"]):
         raise SearchError(f"resume=true but there is no experiment {cfg['experiment']!r} under {storage.uri}")
-    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("datasets", "dataset")]
     searches = []
     for name in cfg["datasets"]:
-        dcfg = to_plain(compose(config_name="search", overrides=[*kept, f"dataset={name}"]))
+        keys = set(dotted_keys(to_plain(compose(config_name="search", overrides=[f"dataset={name}"]))))
+        mine = for_dataset(name, overrides, own or {}, lambda key: key in keys)
+        dcfg = to_plain(compose(config_name="search", overrides=[*mine, f"dataset={name}"]))
         root = (cfg["roots"] or {}).get(name)
         if root is not None:
             dcfg["dataset"]["root"] = str(root)
@@ -152,6 +79,9 @@ def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
                      [dcfg["diffusion"]["timesteps"]])
     check_grid(s["pareto"], [int(t) for t in timesteps])
     local = localize(dcfg)  # s3:// data and weights into this node's cache (they must exist)
+    root = local["dataset"].get("root")
+    if root and not Path(str(root)).expanduser().is_dir():  # the commonest mistake, found before the weights
+        raise FileNotFoundError(f"no such directory {str(root)!r} (expected the dataset's root folder)")
     check_pretrained(local["model"])  # cheap, so before the images are read
     data = build_splits(local["dataset"], seed=split_seed(dcfg))
     print(f"[search] {name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
@@ -160,7 +90,7 @@ def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
     return DatasetSearch(name, dcfg, params, storage, experiment)
 
 
-def search(cfg: dict, overrides: list[str]) -> None:
+def search(cfg: dict, overrides: list[str], own: dict[str, list[str]] | None = None) -> None:
     import time
 
     import pandas as pd
@@ -171,7 +101,7 @@ def search(cfg: dict, overrides: list[str]) -> None:
     from tune.record import PER_DATASET, Record, describe
     from tune.runner import max_concurrent
 
-    storage, searches = plan(cfg, overrides)
+    storage, searches = plan(cfg, overrides, own)
     record = Record(storage, cfg["experiment"])
     started = time.time()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter shows the columns chosen below
@@ -355,21 +285,34 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="search", version_base="1.3")
     def _main(cfg) -> None:
-        with one_line_errors("search"):
-            hc = HydraConfig.get()  # extra config dirs (hydra.searchpath) reach each dataset's compose too
-            searchpath = [o for o in hc.overrides.hydra if o.startswith("hydra.searchpath=")]
-            search(to_plain(cfg), [*hc.overrides.task, *searchpath])
+        try:
+            with one_line_errors("search"):
+                hc = HydraConfig.get()  # extra config dirs (hydra.searchpath) reach each dataset's compose too
+                searchpath = [o for o in hc.overrides.hydra if o.startswith("hydra.searchpath=")]
+                search(to_plain(cfg), [*hc.overrides.task, *keys, *searchpath], own)
+        except Exception:  # noqa: BLE001 — Hydra would echo the overrides (URLs with passwords) unredacted
+            import traceback
+
+            from diffmic.secrets import redact, redact_url
+            print(redact_url(redact(traceback.format_exc())), file=sys.stderr, end="")
+            sys.exit(1)
 
     # `roots` starts empty, and Hydra refuses new keys in a composed config: `roots.NAME=PATH` is taken as `++roots…`
     sys.argv = [f"++{a}" if a.startswith("roots.") else a for a in sys.argv]
-    args = sys.argv[1:]
+    # `datasets.NAME.KEY=V` reaches dataset NAME alone, `dataset.KEY=V` each dataset that has KEY (tune/overrides.py):
+    # the driver's own config (the default dataset's) never sees them; each dataset's composed config does
+    from tune.overrides import is_dataset_key, split_per_dataset
+    args, own = split_per_dataset(sys.argv[1:])
+    keys = [a for a in args if is_dataset_key(a)]
+    sys.argv = [sys.argv[0], *(a for a in args if not is_dataset_key(a))]
     if any(a.replace(" ", "") in ("search.space={}", "search.space=null") for a in args):
         # Hydra merges a mapping into the default one: `{}` would silently leave the whole default space searched
         print("search: error: search.space={} does not empty the space (Hydra merges it into the default one): "
               "drop parameters with ~search.space.NAME, or pick another space with search=<name>", file=sys.stderr)
         sys.exit(2)
     if not any(a.startswith("hydra.searchpath") for a in args):  # extra config dirs: Hydra's own message then
-        check_overrides("search", args, "search")
+        with one_line_errors("search"):
+            check_search_overrides(args + [f"datasets.{n}.{o}" for n, extra in own.items() for o in extra])
     _main()
 
 

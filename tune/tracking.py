@@ -28,7 +28,6 @@ from ray import tune
 
 from diffmic.remote import cache_dir
 from diffmic.secrets import redact, redact_url
-from tune.space import SearchError
 
 PER_EPOCH = ("train_", "val_", "lr")  # the result keys (prefixes) tracked each epoch
 FINAL_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # Tune's trial status -> MLflow's; others: KILLED
@@ -41,24 +40,6 @@ CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKO
 # Tune calls the unpickled copies when a search resumes, so they are found here, not kept from callbacks().
 _LIVE: dict[tuple[str, str], dict[type, TrialTracker]] = {}
 _LOCK = threading.Lock()  # the datasets' searches run in threads of one driver
-
-
-def check(cfg: dict) -> None:
-    """Up-front: one line naming what tracking needs and lacks."""
-    t = cfg["tracking"]
-    if t["name"] != "mlflow":
-        return
-    if not t["uri"]:
-        raise SearchError(f"tracking.uri={t['uri']}: expected the MLflow tracking server's URI, "
-                          "e.g. http://127.0.0.1:5000")
-    if redact_url(str(t["uri"])) != str(t["uri"]):  # it would be pickled into tuner.pkl, in the results
-        raise SearchError(f"tracking.uri={redact_url(str(t['uri']))}: expected no password in the URI: set "
-                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        raise SearchError("tracking=mlflow: the mlflow package is not installed (pip install 'diffmic[mlflow]')") \
-            from None
 
 
 def callbacks(search) -> list[tune.Callback]:

@@ -30,7 +30,11 @@ def create_backbone(name: str, *, pooled: bool, pretrained: bool = False, weight
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
         raise ValueError(f"backbone {name!r}: {e}") from None
     if weights:
-        missing, _ = model.load_state_dict(load_weights_file(weights), strict=False)
+        try:
+            missing, _ = model.load_state_dict(load_weights_file(weights), strict=False)
+        except RuntimeError as e:  # same key names, other shapes: another architecture's (or width's) weights
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))[:200]
+            raise ValueError(f"backbone weights {weights!r} do not fit {name!r} ({first})") from None
         if missing:
             raise ValueError(f"backbone weights {weights!r} do not fit {name!r}: {len(missing)} missing keys, "
                              f"e.g. {missing[0]!r}")

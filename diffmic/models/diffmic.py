@@ -179,4 +179,5 @@ def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: b
                         **init(den_cfg), embedding_bias=den_cfg["embedding_bias"])
     schedule = NoiseSchedule(d["schedule"], d["timesteps"], d["beta_start"], d["beta_end"],
                              beta_steps=d.get("beta_steps"))
-    return DiffMIC(dcg, denoiser, schedule, num_classes, output=den_cfg["output"])
+    # A config written before `output` existed describes an ε head: the only kind there was then.
+    return DiffMIC(dcg, denoiser, schedule, num_classes, output=den_cfg.get("output", "eps"))
