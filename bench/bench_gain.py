@@ -93,6 +93,49 @@ def run(args: list[str], out: Path) -> dict:
     return {"test": metrics["test"], "val": metrics["val"], "wall_s": time.perf_counter() - start, "curve": curve}
 
 
+INFERENCE = [  # (sampler, steps, eta, S): what the official method and CARD leave open at prediction time
+    ("official", None, 0.0, 1), ("official", None, 0.0, 8), ("ddpm", None, 0.0, 1), ("ddim", 10, 0.0, 1),
+    ("ddim", 10, 1.0, 1), ("ddim", 10, 1.0, 8), ("ddim", 50, 0.0, 1), ("dcg", None, 0.0, 1)]
+
+
+def inference(run_dir: Path) -> None:
+    """One trained run evaluated on validation and test at each INFERENCE point, the S chains combined by the mean
+    of their probabilities (the project's rule) and by a majority vote of their argmaxes (CARD's)."""
+    import numpy as np
+    import torch
+
+    from diffmic.calibration import class_probabilities, fit_temperature
+    from diffmic.compat import ensure_torchvision_importable
+    ensure_torchvision_importable()
+    from diffmic.config import split_seed
+    from diffmic.data import build_splits
+    from diffmic.evaluate import load_for_evaluation
+    from diffmic.metrics import classification_metrics
+
+    torch.set_num_threads(2)
+    model, cfg, _ = load_for_evaluation(run_dir, [])
+    data = build_splits(cfg["dataset"], seed=split_seed(cfg))
+    splits = {s: getattr(data, s) for s in ("val", "test")}
+    images = {s: (torch.stack([d[i][0] for i in range(len(d))]), np.array([d[i][1] for i in range(len(d))]))
+              for s, d in splits.items()}
+    print(f"{run_dir}: sampler steps eta S | val f1 (mean, vote) | test f1 (mean, vote), acc, auc")
+    for sampler, steps, eta, S in INFERENCE:
+        chains, line = {}, f"  {sampler:8s} {str(steps):4s} {eta:3.1f} {S:2d}"
+        for split, (x, y) in images.items():
+            with torch.no_grad():
+                pred = model.predict(x, sampler, steps, eta, S, torch.Generator().manual_seed(0))
+            chains[split] = (pred.samples.numpy(), y)
+        tau = fit_temperature(*chains["val"])
+        for split, (samples, y) in chains.items():
+            mean = classification_metrics(y, class_probabilities(samples, tau))
+            votes = np.eye(samples.shape[2])[samples.argmax(2)].mean(0)  # share of chains per class
+            vote = classification_metrics(y, votes + 1e-6 * class_probabilities(samples, tau))  # ties: the mean
+            line += f" | {split} {mean['macro_f1']:.3f}, {vote['macro_f1']:.3f}"
+            if split == "test":
+                line += f", acc {mean['accuracy']:.3f}, auc {mean['auc']:.3f}"
+        print(line, flush=True)
+
+
 def overrides(values: dict) -> list[str]:
     return [f"{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
 
@@ -108,12 +151,19 @@ def main() -> None:
     p.add_argument("--no-control", action="store_true")
     p.add_argument("--json", help="write every arm's figures here")
     p.add_argument("--npz", type=Path, default=NPZ, help=f"BreastMNIST's npz (default: {NPZ})")
+    p.add_argument("--inference", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="instead of training: evaluate these runs at every INFERENCE point (sampler, eta, S, vote)")
+    p.add_argument("--keep", type=Path, help="keep the runs here (default: a temporary folder)")
     a = p.parse_args()
+    if a.inference:
+        for run_dir in a.inference:
+            inference(run_dir)
+        return
     if a.quick:
         a.datasets, a.sizes, a.settings, a.seeds = "breastmnist", "32", "residual", "0"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp)
+        cache = a.keep or Path(tmp)
         for name in a.datasets.split(","):
             base = dataset_args(name, cache, a.npz)
             for size in (int(s) for s in a.sizes.split(",")):

@@ -1,8 +1,10 @@
-"""`python -m diffmic.evaluate checkpoint=PATH [split=test] [diffusion.sampler=ddim diffusion.sample_steps=10 …]`
+"""`python -m diffmic.evaluate checkpoint=PATH [split=val|test] [diffusion.sampler=ddim diffusion.sample_steps=10 …]`
 
 Evaluates a trained model on a split of its dataset. PATH is a run directory, its `checkpoint/` or `model/`, or an
 exported bundle. Any `key=value` overrides the stored config (sampler settings, `dataset.root` when the data moved).
-Prints the metrics as JSON; `output=FILE` also writes them. Progress goes to stderr.
+Prints the metrics as JSON (a test split's with bootstrap intervals); `output=FILE` also writes them. Progress goes
+to stderr. The default split is val; each evaluation on test adds a line to the ledger beside PATH
+(diffmic/ledger.py).
 """
 from __future__ import annotations
 
@@ -96,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         from diffmic.engine import evaluate
         from diffmic.session import Session
 
-        split = args.pop("split", "test")
+        split = args.pop("split", "val")  # the test split is looked at on purpose (and counted), never by default
         output = args.pop("output", None)
-        model, cfg, temperature = load_for_evaluation(args.pop("checkpoint"), [f"{k}={v}" for k, v in args.items()])
+        checkpoint = args.pop("checkpoint")
+        model, cfg, temperature = load_for_evaluation(checkpoint, [f"{k}={v}" for k, v in args.items()])
         validate_config(cfg)
         if split not in ("train", "val", "test"):
             raise ValueError(f"split={split!r}: expected train, val or test")
@@ -111,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
                                intervals=True)
         metrics.update(split=split, images=len(dataset), seconds=round(time.perf_counter() - start, 2),
                        sampler=cfg["diffusion"]["sampler"], sample_steps=cfg["diffusion"]["sample_steps"])
+        if split == "test":
+            from diffmic import ledger
+            where = Path(checkpoint)
+            where = where if where.is_dir() else where.parent
+            ledger.append(where, ledger.look("diffmic.evaluate", metrics, cfg["dataset"]["name"], point={
+                k: cfg["diffusion"][k] for k in ("sampler", "sample_steps", "num_samples")}))
         from diffmic.checkpoint import to_jsonable
         text = json.dumps(to_jsonable(metrics), indent=1)
         print(text)

@@ -200,21 +200,24 @@ def write_csv(path: str, rows: list[dict], class_names: Sequence[str]) -> None:
 
 
 def check_destinations(output: str | None, explain: str | None) -> None:
-    """--output must be a file we can create, --explain a directory we can create: said before the work, not after."""
+    """--output must be a file we can create, --explain a directory we can create (their folders are made as
+    needed): said before the work, not after."""
+    def first_existing_is_a_folder(flag: str, given: str, start: Path, expected: str) -> None:
+        for parent in (start, *start.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(f"{flag} {given}: {str(parent)!r} exists and is not a directory (expected "
+                                     f"{expected})")
+                return
+
     if output is not None:
         target = Path(output).expanduser()
         if target.is_dir():
             raise ValueError(f"--output {output}: is a directory (expected a CSV file to write)")
-        if not target.parent.is_dir():
-            raise ValueError(f"--output {output}: its folder {str(target.parent)!r} does not exist")
+        first_existing_is_a_folder("--output", output, target.parent, "a CSV file to write")
     if explain is not None:
-        target = Path(explain).expanduser()
-        for parent in (target, *target.parents):
-            if parent.exists():
-                if not parent.is_dir():
-                    raise ValueError(f"--explain {explain}: {str(parent)!r} exists and is not a directory "
-                                     "(expected a directory to write the figures into)")
-                break
+        first_existing_is_a_folder("--explain", explain, Path(explain).expanduser(),
+                                   "a directory to write the figures into")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

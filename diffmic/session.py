@@ -118,6 +118,11 @@ class LocalSession(Session):
     def finish(self, result, model, cfg: dict, class_names: list[str]) -> None:
         write_csv(self.output_dir / "history.csv", result.history)
         write_result(self.output_dir, result, model, cfg, class_names)
+        if result.test:  # the run looked at its test split once: the ledger says so
+            from diffmic import ledger
+            sampling = {k: cfg["diffusion"][k] for k in ("sampler", "sample_steps", "num_samples")}
+            ledger.append(self.output_dir, ledger.look("diffmic.train", result.test, cfg["dataset"]["name"],
+                                                       point=sampling))
 
 
 def write_result(directory: Path, result, model, cfg: dict, class_names: list[str],

@@ -163,3 +163,21 @@ def test_the_asha_rank_check_reads_a_history(tmp_path):
     history = pd.DataFrame({"trial_id": ["a", "b", "c"] * 2, "epoch": [1, 1, 1, 2, 2, 2],
                             "val_macro_f1": [0.1, 0.2, 0.3, 0.9, 0.5, 0.4]})
     assert bench.ranks(history, "val_macro_f1") == [(1, pytest.approx(-1.0)), (2, pytest.approx(1.0))]
+
+
+def test_every_test_look_is_in_the_ledger_and_evaluate_defaults_to_val(trained, capsys):
+    """Issue 22: a training run's one test evaluation and each `diffmic.evaluate split=test` add a line beside the
+    run; the default split is val, which adds none."""
+    from diffmic import ledger
+    from diffmic.evaluate import main as evaluate_main
+
+    run = trained["root"] / "run"
+    looks = pd.read_csv(run / ledger.LEDGER)
+    assert list(looks["command"]) == ["diffmic.train"] and looks["images"].iloc[0] == 16
+    evaluate_main([f"checkpoint={run}"])
+    assert json.loads(capsys.readouterr().out)["split"] == "val"
+    assert len(pd.read_csv(run / ledger.LEDGER)) == 1
+    evaluate_main([f"checkpoint={run}", "split=test"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["accuracy_lo"] <= shown["accuracy"] <= shown["accuracy_hi"]
+    assert list(pd.read_csv(run / ledger.LEDGER)["command"]) == ["diffmic.train", "diffmic.evaluate"]

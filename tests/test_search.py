@@ -910,6 +910,10 @@ def test_two_datasets_at_once_pareto_front_and_finalists(ray_tmp, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((tmp_path / "point" / "bundle.json").read_text())
     assert meta["sampler"]["sampler"] == "ddim" and meta["sampler"]["sample_steps"] == 3
+    # the ledger of test looks (issue 22): the search's one test per dataset, then the export's
+    looks = pd.read_csv(out / "test-looks.csv", dtype={"trial": str})
+    assert list(looks["command"]) == ["search", "search", "tune.export"]
+    assert looks["trial"].iloc[-1] == trial and "sampler=ddim" in looks["point"].iloc[-1]
     assert pd.notna(json.loads(r.stdout.splitlines()[-1])["test_macro_f1"])
 
 

@@ -27,6 +27,7 @@ def export(experiment_uri: str, dataset: str | None = None, trial: str | None = 
     import pandas as pd
 
     from diffmic.diffusion import SAMPLERS
+    from diffmic.ledger import look
     from tune.record import CHECKPOINT, Record, best_trial
     from tune.results import provenance, test_and_export
     from tune.storage import open_storage
@@ -71,6 +72,8 @@ def export(experiment_uri: str, dataset: str | None = None, trial: str | None = 
         about = provenance(results.experiment, name, row, [k for k, _, _ in results.params(name)], checkpoint_uri,
                            results.metric(name))
         result = test_and_export(checkpoint_uri, dest, about, replace, sampling)
+        results.record.append_test_look(look("tune.export", result["test"], name, str(row["trial_id"]),
+                                             result["sampling"]))
         done.append({"dataset": name, "trial_id": row["trial_id"], "bundle_uri": dest, "sampling": result["sampling"],
                      **prefixed("test", result["test"])})
     return done

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ SEARCH, BEST_DETAILS, REPORT, EXPLAIN = "search.json", "best.json", "report.html
 TABLES = ("summary", "history", "best", "pareto", "finalists")
 PER_DATASET = ("summary", "history", "pareto", "finalists")  # tables with a row per dataset's trial, run or point
 CHECKPOINT = "checkpoint_path"  # the summary column that holds a trial's best checkpoint (as Ray reports it)
+_LEDGER_LOCK = threading.Lock()
 
 
 class RecordError(StorageError):
@@ -172,6 +174,24 @@ class Record:
                     continue
         return out
 
+    def append_test_look(self, row: dict) -> None:
+        """One line of the experiment's ledger of test looks (diffmic/ledger.py); storage has no append, so the file
+        is read and written back, under a lock shared by the datasets' threads."""
+        from diffmic import ledger
+        with _LEDGER_LOCK:
+            try:
+                text = self.storage.read_text(self.key(ledger.LEDGER))
+            except FileNotFoundError:
+                text = ""
+            self.storage.write_text(self.key(ledger.LEDGER), text + ledger.lines([row], header=not text))
+
+    def read_test_looks(self) -> pd.DataFrame:
+        from diffmic import ledger
+        try:
+            return pd.read_csv(io.StringIO(self.storage.read_text(self.key(ledger.LEDGER))), dtype={"trial": str})
+        except FileNotFoundError:
+            return pd.DataFrame(columns=list(ledger.FIELDS))
+
     def write_study(self, dataset: str, db: bytes) -> None:
         self.storage.write_bytes(self.study_key(dataset), db)
 
@@ -221,7 +241,8 @@ class Record:
                 frame["trial_id"] = frame["trial_id"].astype(str)
         if summary.empty:
             summary = pd.DataFrame(columns=["dataset", "trial_id", "status"])
-        return Results(self, meta, summary, history, self.read_best(), pareto, finalists)
+        return Results(self, meta, summary, history, self.read_best(), pareto, finalists,
+                       test_looks=self.read_test_looks())
 
 
 def describe(cfg: dict, params) -> dict:
@@ -274,6 +295,7 @@ class Results:
     pareto: pd.DataFrame = field(default_factory=pd.DataFrame)     # one row per trial and sampler point
     finalists: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per finalist run
     live: dict = field(default_factory=dict)  # a running search (tune/live.py): dataset -> its progress
+    test_looks: pd.DataFrame = field(default_factory=pd.DataFrame)  # the ledger (diffmic/ledger.py)
     searches: dict = field(init=False)
 
     def __post_init__(self) -> None:

@@ -23,6 +23,15 @@ from tune.render_selection import SELECTION_SECTIONS
 
 
 # ---------------------------------------------------------------- sections
+def test_looks(res: Results) -> str:
+    """How often each dataset's test split was evaluated (the ledger, test-looks.csv)."""
+    looks = res.test_looks
+    if looks is None or looks.empty or "dataset" not in looks:
+        return "none recorded"
+    counts = looks["dataset"].astype(str).value_counts()
+    return ", ".join(f"{d}: {counts.get(d, 0)}" for d in res.datasets) + " (test-looks.csv: every evaluation on test)"
+
+
 def header(res: Results) -> str:
     s, meta = res.summary, res.meta
     counts = ", ".join(f"{n} {k.lower().replace('_', ' ')}" for k, n in s["status"].value_counts().items())
@@ -38,6 +47,7 @@ def header(res: Results) -> str:
                                               f"{d['num_samples']} trials, {d['epochs_per_trial']} epochs each")),
              ("Started", started), ("Wall time", hms(meta.get("wall_time_s"))),
              ("Trials", f"{len(s)}" + (f" ({counts})" if counts else "")),
+             ("Test looks", test_looks(res)),
              *((k, f"{s[c].sum():.3g}" if c in s else "0") for k, c in (("CPU-hours", "cpu_hours"),
                                                                           ("GPU-hours", "gpu_hours")))]
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)

@@ -174,6 +174,7 @@ def search_dataset(s, export: bool, pool, live) -> dict:
     finalists' repeats, the selected model tested once and exported. Returns its tables and best.json entry."""
     import pandas as pd
 
+    from diffmic.ledger import look
     from tune import controls, finalists, pareto
     from tune.record import best_entry, best_trial
     from tune.results import test_best, trial_frames
@@ -243,10 +244,13 @@ def search_dataset(s, export: bool, pool, live) -> dict:
     sampling = pareto.sampling_of(point)
     live.phase(s.dataset, "testing the chosen model" + (" and exporting it" if export else ""))
     tested = test_best(s, best, s.record.best_bundle_uri(s.dataset) if export else None, sampling)
+    s.record.append_test_look(look("search", tested["test"], s.dataset, str(best["trial_id"]), tested["sampling"]))
     control_test = None
     if control is not None:  # the control is tested once too, so that best.csv sets the two side by side
         control_test = tested["test"] if kind == "control" else test_best(
             s, control, None, {"sampler": "dcg", "sample_steps": None, "num_samples": 1}, explain=False)["test"]
+        if kind != "control":
+            s.record.append_test_look(look("search (control)", control_test, s.dataset, "control", "sampler=dcg"))
     if tested.get("explain"):
         s.record.write_explanations(s.dataset, tested["explain"]["items"], tested["explain"]["images"])
     # The point's own validation figure (what it was chosen on) beside its cost; val_* stay the trial's best epoch.
