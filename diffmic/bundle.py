@@ -85,8 +85,10 @@ def write_bundle(directory: str | Path, model: DiffMIC, cfg: dict, class_names: 
         "preprocessing": {"image_size": dataset["image_size"], "mean": list(dataset["mean"]),
                           "std": list(dataset["std"]), "resize": "center-square-crop, bilinear"},
         "sampler": {k: cfg["diffusion"][k] for k in ("sampler", "sample_steps", "eta", "num_samples")},
+        # τ belongs to the sampler point it was fitted at (the chains' ŷ0 differ between points)
         "calibration": {"temperature": (metrics.get("val") or {}).get("temperature", 1.0),
-                        "dcg_temperature": (metrics.get("val") or {}).get("dcg_temperature", 1.0), "fitted_on": "val"},
+                        "dcg_temperature": (metrics.get("val") or {}).get("dcg_temperature", 1.0), "fitted_on": "val",
+                        "sampler": {k: cfg["diffusion"][k] for k in ("sampler", "sample_steps", "num_samples")}},
         "metrics": metrics,
         "provenance": provenance or {},
         "versions": library_versions(),

@@ -76,8 +76,10 @@ def find_images(args: Sequence[str]) -> list[str]:
 
 
 def resolve_settings(bundle: Bundle, sampler: str | None, steps: int | None, eta: float | None,
-                     num_samples: int | None) -> tuple[str, int | None, float, int]:
-    """The bundle's sampler defaults with the given overrides, checked before any image is read."""
+                     num_samples: int | None, keep_temperature: bool = True) -> tuple[str, int | None, float, int]:
+    """The bundle's sampler defaults with the given overrides, checked before any image is read. A bundle's τ was
+    fitted at one sampler point (its calibration says which); another point is refused unless `keep_temperature`
+    says to use that τ anyway (the DCG read-out has its own τ and is always allowed)."""
     defaults = bundle.meta.get("sampler") or {}
     sampler = sampler or defaults.get("sampler") or "official"
     steps = steps if steps is not None else defaults.get("sample_steps")
@@ -95,6 +97,15 @@ def resolve_settings(bundle: Bundle, sampler: str | None, steps: int | None, eta
         raise ValueError(f"--steps {steps}: expected 1..{limit} (the bundle's {what})")
     if num_samples < 1:
         raise ValueError(f"--samples {num_samples}: expected at least 1")
+    fitted = (bundle.meta.get("calibration") or {}).get("sampler")
+    if fitted and not keep_temperature:
+        wanted = {"sampler": sampler, "sample_steps": steps, "num_samples": num_samples}
+        if any(fitted.get(k) != v for k, v in wanted.items()):
+            shown = " ".join(f"{k}={v}" for k, v in fitted.items())
+            raise ValueError(f"--sampler/--steps/--samples: this bundle's temperature was fitted on validation at "
+                             f"{shown}; another point's probabilities would be calibrated for it: export that point "
+                             "(python -m diffmic.export --trial ID --sampler …, which refits τ) or pass "
+                             "--keep-temperature")
     return sampler, steps, float(eta), int(num_samples)
 
 
@@ -229,6 +240,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=SAMPLERS, help="reverse sampler (default: the bundle's)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the bundle's sample_steps)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the bundle's)")
+    p.add_argument("--keep-temperature", action="store_true", help="with another --sampler/--steps/--samples than "
+                   "the bundle's: keep its temperature, fitted at its own point")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
@@ -246,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = find_images(args.images)
         bundle = open_bundle(args.model)
         names = bundle.class_names
-        sampler, steps, eta, samples = resolve_settings(bundle, args.sampler, args.steps, args.eta, args.samples)
+        sampler, steps, eta, samples = resolve_settings(bundle, args.sampler, args.steps, args.eta, args.samples,
+                                                        keep_temperature=args.keep_temperature)
         on_batch = explanation_writer(bundle, args.explain) if args.explain else None
         if samples < 2:
             print(f"{PROGRAM}: note: sample_std is left empty: one chain per image (S=1) has no spread "

@@ -155,10 +155,12 @@ def run_predict(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_predict_explain_writes_one_figure_per_predicted_image(bundle, images, tmp_path, capsys):
-    code, plain, err = run_predict(capsys, bundle, images, "--batch-size", "2", "--samples", "2")
+    code, plain, err = run_predict(capsys, bundle, images, "--batch-size", "2", "--samples", "2",
+                                  "--keep-temperature")
     assert code == 1 and "broken.png" in err
     out_dir = tmp_path / "figures" / "deeper"
-    code, out, err = run_predict(capsys, bundle, images, "--batch-size", "2", "--samples", "2", "--explain", out_dir)
+    code, out, err = run_predict(capsys, bundle, images, "--batch-size", "2", "--samples", "2", "--explain", out_dir,
+                                 "--keep-temperature")
     assert code == 1 and out == plain and len(out.splitlines()) == 3
     assert sorted(p.name for p in out_dir.iterdir()) == ["a-1.png", "a.png", "b.png"]
     for p in out_dir.iterdir():

@@ -107,6 +107,8 @@ def test_several_samples_give_entropy_and_spread(run, capsys):
         assert 0 < row["entropy"] <= np.log(len(bundle.class_names)) + 1e-6
         assert row["sample_std"] > 0
     code, out, err = cli(capsys, run["bundle"], *run["paths"], "--samples", "3", "--seed", "1")
+    assert code == 2 and "--keep-temperature" in one_error_line(err)  # τ was fitted at S = 1 (issue 22)
+    code, out, err = cli(capsys, run["bundle"], *run["paths"], "--samples", "3", "--seed", "1", "--keep-temperature")
     assert code == 0, err
     assert len(out.splitlines()) == 3 and all(f"std {row['sample_std']:.4f}" in line
                                               for row, line in zip(rows, out.splitlines()))

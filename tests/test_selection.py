@@ -197,3 +197,36 @@ def test_a_bad_repeat_mode_is_one_line_naming_it():
     check_knobs(knobs)  # the defaults pass
     with pytest.raises(SearchError, match=r"^search.repeat_mode='fold': expected seeds or folds$"):
         check_knobs({**knobs, "repeat_mode": "fold"})
+
+
+def test_a_finalist_export_is_repeat_0_whatever_the_repeats_scores(monkeypatch):
+    """Issue 22: the selected configuration's repeat fixed in advance is exported, not its luckiest repeat."""
+    import pandas as pd
+
+    import tune.distributed
+    from tune import finalists
+
+    scores = {"finalist-r0": 0.5, "finalist-r1": 0.9, "finalist-r2": 0.7}
+
+    class Result:
+        def __init__(self, name):
+            self.error, self.checkpoint = None, type("C", (), {"path": f"/x/{name}"})()
+            self.best_checkpoints = [(None, {"val_macro_f1": scores[name], "epoch": 1})]
+
+    monkeypatch.setattr(tune.distributed, "build_trainer",
+                        lambda cfg, storage, name: type("T", (), {"fit": lambda self: Result(name)})())
+    monkeypatch.setattr(finalists, "plan_runs", lambda configs, repeats, seed, mode="seeds": [
+        {"config": 0, "params": {}, "repeat": r, "seed": r, "val_carve": 0, "name": f"finalist-r{r}"}
+        for r in range(3)])
+    search = type("S", (), {})()
+    search.cfg = {"search": {"metric": "val_macro_f1", "mode": "max", "finalists": 1, "repeats": 3,
+                             "repeat_mode": "seeds", "max_concurrent_trials": 1},
+                  "seed": 0, "dataset": {"split_seed": 0, "val_carve": 0}, "scaling": {"num_workers": 1}}
+    search.params, search.dataset = [], "d"
+    search.storage = type("St", (), {"join": lambda self, *a: "/tmp/none"})()
+    search.record = type("R", (), {"finalists_key": lambda self, d: "finalists/d"})()
+    monkeypatch.setattr("tune.storage.open_storage", lambda uri, check=False: None)
+    summary = pd.DataFrame([{"trial_id": "t", "val_macro_f1": 0.6, "checkpoint_path": "/x"}])
+    frame, selected, stats = finalists.confirm(search, summary)
+    assert selected["trial_id"] == "finalist-r0" and selected["val_macro_f1"] == 0.5
+    assert stats["val_macro_f1_mean"] == pytest.approx(0.7)

@@ -4,7 +4,8 @@
 rule) are trained R more times each, for the full epoch budget: with `search.repeat_mode=seeds`, with seeds other than
 the search's and the same data split; with `folds`, with the search's seed and R other stratified carves of the
 validation split (`dataset.val_carve` 1..R; the test split does not move, so the one test stays untouched). Each configuration gets the mean and sd of every validation metric over its repeats; the configuration with
-the best mean is selected, and its best repeat is the model that is tested (once) and exported. The runs are plain
+the best mean is selected, and its repeat 0 — fixed in advance, so that the exported model's validation figure is not
+the maximum of R draws — is the model that is tested (once) and exported. The runs are plain
 Ray Train runs named after their configuration and repeat, so a resumed search continues each from its checkpoints.
 """
 from __future__ import annotations
@@ -97,7 +98,7 @@ def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | No
     mine = frame[(frame["config"] == chosen) & frame[metric].notna() & frame["checkpoint_path"].notna()]
     if mine.empty:
         return frame, None, {}
-    selected = mine.loc[mine[metric].idxmax() if mode == "max" else mine[metric].idxmin()]
+    selected = mine.sort_values("repeat").iloc[0]  # repeat 0 (the first with a checkpoint), never the luckiest
     stats = {}
     for m in SCALAR_METRICS:
         values = pd.to_numeric(frame.loc[frame["config"] == chosen, f"val_{m}"], errors="coerce")

@@ -67,15 +67,16 @@ def measure_trial(checkpoint_uri: str, grid: list[dict]) -> list[dict]:
     from diffmic.evaluate import measure
     from tune.results import open_checkpoint
 
-    cfg, data, model, temperature, _, session = open_checkpoint(checkpoint_uri)
+    cfg, data, model, _, _, session = open_checkpoint(checkpoint_uri)
     warm = {**cfg, "diffusion": {**cfg["diffusion"], "sampler": "ddim", "sample_steps": 1, "num_samples": 1}}
-    measure(model, torch.utils.data.Subset(data.val, range(min(len(data.val), 8))), warm, session, 0, temperature)
+    measure(model, torch.utils.data.Subset(data.val, range(min(len(data.val), 8))), warm, session, 0, None)
     rows = []
     for point in grid:
         chosen = settings(point, cfg)
         run = {**cfg, "diffusion": {**cfg["diffusion"], **chosen}}
-        out = measure(model, data.val, run, session, cfg["seed"], temperature)
-        rows.append({**chosen, "model_kind": kind_of(chosen["sampler"]),
+        # each point gets the τ fitted on validation for its own chains (a DDIM-5 ŷ0 is not the official chain's)
+        out = measure(model, data.val, run, session, cfg["seed"], None)
+        rows.append({**chosen, "model_kind": kind_of(chosen["sampler"]), "temperature": out["temperature"],
                      **prefixed("val", {k: out[k] for k in SCALAR_METRICS if k in out}),
                      COST: out[COST], "denoiser_calls_per_image": out["denoiser_calls_per_image"],
                      "device": str(session.device)})

@@ -255,21 +255,26 @@ def describe(cfg: dict, params) -> dict:
 
 def best_entry(trial: pd.Series, params: list[str], test: dict, class_names: list[str], checkpoint_uri: str,
                bundle_uri: str | None, sampling: dict | None = None, point: dict | None = None,
-               repeats: dict | None = None, model_kind: str = "diffmic", control: dict | None = None) -> dict:
+               repeats: dict | None = None, model_kind: str = "diffmic", control: dict | None = None,
+               val_at_point: dict | None = None) -> dict:
     """A dataset's best trial as best.json keeps it: `sampling` is the sampler setting it was tested and exported
     with (None: its own), `point` that setting's validation figures and cost (pareto.csv), `repeats` the mean and
     sd of each validation metric over the finalists' repeats of its configuration, `model_kind` what was exported
-    (diffmic | dcg | control), `control` the plain control's figures (control_* columns)."""
+    (diffmic | dcg | control), `control` the plain control's figures (control_* columns), `val_at_point` the
+    validation figures of the exported model at the exported point (the condition its test figure was taken in;
+    `val` is the trial's best epoch with the training sampler)."""
     return {"trial_id": trial["trial_id"], "params": {k: trial.get(k) for k in params},
             "val": unprefixed("val", trial.to_dict()), "test": test, "class_names": class_names,
             "checkpoint_uri": checkpoint_uri, "bundle_uri": bundle_uri, "sampling": sampling or {},
-            "point": point or {}, "repeats": repeats or {}, "model_kind": model_kind, "control": control or {}}
+            "point": point or {}, "repeats": repeats or {}, "model_kind": model_kind, "control": control or {},
+            "val_at_point": val_at_point or {}}
 
 
 def best_row(dataset: str, entry: dict) -> dict:
     return {"dataset": dataset, "trial_id": entry["trial_id"], "model_kind": entry.get("model_kind", "diffmic"),
             **entry["params"], **prefixed("val", entry["val"]),
-            **(entry.get("repeats") or {}), **prefixed("test", entry["test"]), **(entry.get("sampling") or {}),
+            **(entry.get("repeats") or {}), **prefixed("val_at_point", entry.get("val_at_point") or {}),
+            **prefixed("test", entry["test"]), **(entry.get("sampling") or {}),
             **(entry.get("point") or {}), **(entry.get("control") or {}),
             "checkpoint_uri": entry["checkpoint_uri"], "bundle_uri": entry["bundle_uri"]}
 

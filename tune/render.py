@@ -81,6 +81,7 @@ def best_section(res: Results, dataset: str) -> str:
         return "<h3>Best trial</h3>" + note(f"No best trial for {dataset}: no trial reported {res.metric(dataset)} with a "
                                             f"checkpoint ({statuses or 'no trials'}).")
     val, test, rep = b.get("val", {}), b.get("test", {}), b.get("repeats") or {}
+    at_point = b.get("val_at_point") or {}
     names = [k for k in dict.fromkeys([*val, *test]) if not isinstance(val.get(k, test.get(k)), (list, dict))
              and not k.endswith(("_lo", "_hi")) and not k.startswith("interval_")]
 
@@ -88,9 +89,9 @@ def best_section(res: Results, dataset: str) -> str:
         mean, sd = rep.get(f"val_{k}_mean"), rep.get(f"val_{k}_sd")
         return f"<td>{esc(fmt(mean))} ± {esc(fmt(sd))}</td>" if mean is not None else "<td></td>"
 
-    cols = 4 if rep else 3
+    cols = 5 if rep else 4
     rows = [f"<tr><th>{esc(k)}</th><td>{esc(fmt(val.get(k)))}</td>{spread(k) if rep else ''}"
-            f"<td>{esc(with_interval(test, k))}</td></tr>" for k in names]
+            f"<td>{esc(fmt(at_point.get(k)))}</td><td>{esc(with_interval(test, k))}</td></tr>" for k in names]
     rows += [f"<tr class=sub><th colspan={cols}>parameters</th></tr>"]
     rows += [f"<tr><th>{esc(k)}</th><td colspan={cols - 1}>{esc(fmt(v))}</td></tr>"
              for k, v in {**b.get("params", {}), **(b.get("sampling") or {}), **(b.get("point") or {})}.items()]
@@ -100,7 +101,7 @@ def best_section(res: Results, dataset: str) -> str:
     level = test.get("interval_level")
     testhead = f"test [{level:.0%} bootstrap interval]" if level else "test"
     left = (f"<p>Trial <b>{esc(b.get('trial_id', '?'))}</b>, chosen on validation {esc(res.metric(dataset))} ({esc(res.searches[dataset]['mode'])}), tested once.</p>"
-            f"<table class=small><tr class=sub><th>metric</th><th>val</th>{head}<th>{esc(testhead)}</th></tr>{''.join(rows)}</table>")
+            f"<table class=small><tr class=sub><th>metric</th><th>val (best epoch, training sampler)</th>{head}<th>val (exported point)</th><th>{esc(testhead)}</th></tr>{''.join(rows)}</table>")
     return f"<h3>Best trial</h3><div class=grid2><div>{left}</div><div>{confusion(b)}</div></div>"
 
 

@@ -53,7 +53,8 @@ def finalists_section(res: Results, dataset: str) -> str:
                     f"<td>{esc(fmt(values.mean()))} ± {esc(fmt(sd))}</td></tr>")
     return (f"<h3>Finalists over seeds</h3><table class=small><tr class=sub><th>configuration</th><th>repeats</th>"
             f"<th>{esc(metric)} of each</th><th>mean ± sd</th></tr>{''.join(rows)}</table>"
-            "<p class=note>Selected on the mean; only the selected configuration's best repeat is tested.</p>")
+            "<p class=note>Selected on the mean; only the selected configuration's repeat 0 (fixed in advance, not its best "
+            "one) is tested.</p>")
 
 
 def gain_section(res: Results, dataset: str) -> str:

@@ -101,25 +101,28 @@ def open_checkpoint(checkpoint_uri: str, sampling: dict | None = None):
     return cfg, data, model, fitted_temperature(state), state, session
 
 
-def dcg_temperature(state: dict) -> float:
-    from diffmic.checkpoint import fitted_temperature
-    return fitted_temperature(state, "dcg_temperature")
-
-
 def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dict, replace: bool = False,
                     sampling: dict | None = None, explain: bool = False) -> dict:
     """Test metrics of a checkpoint's evaluation weights (EMA / best validation), and optionally the bundle
     exported from those same weights to `export_uri` (a directory or s3:// prefix), predicting by default with
     `sampling` (a Pareto point; None: the trial's own settings), and (`explain`) where the model looks on a few test
-    images of each class. Needs no Ray: `test_best` runs it as a task, `tune.export` runs it here."""
+    images of each class. Needs no Ray: `test_best` runs it as a task, `tune.export` runs it here.
+
+    The model is first measured on validation at that very point, which fits its temperatures (the head's and its
+    DCG's: a DDIM-5 chain's ŷ0 is spread unlike the official chain's, so each point gets its own τ); the test then
+    uses them, and the bundle carries them with the point they belong to. That validation figure ("val", the
+    exported point's) is what stands beside the test figure; the best epoch's ("val_best_epoch", the training
+    sampler's) is kept apart and named so."""
     from diffmic.bundle import MANIFEST, write_bundle
     from diffmic.engine import evaluate
 
-    cfg, data, model, temperature, state, session = open_checkpoint(checkpoint_uri, sampling)
+    cfg, data, model, _, state, session = open_checkpoint(checkpoint_uri, sampling)
+    val = evaluate(model, data.val, cfg, session, generator_seed=cfg["seed"])
+    temperature = val["temperature"]
     test = evaluate(model, data.test, cfg, session, generator_seed=cfg["seed"], temperature=temperature,
-                    dcg_temperature=dcg_temperature(state), intervals=True)
+                    dcg_temperature=val["dcg_temperature"], intervals=True)
     looks = where_it_looks(model, data.test, cfg, temperature, session.device) if explain else None
-    val = state["best"]["metrics"] if state.get("best") else {}
+    best_epoch = state["best"]["metrics"] if state.get("best") else {}
     if export_uri is not None:
         dest = open_storage(export_uri, check=False)
         if dest.exists(MANIFEST):
@@ -129,10 +132,11 @@ def test_and_export(checkpoint_uri: str, export_uri: str | None, provenance: dic
             dest.delete_dir("", first=(MANIFEST,))  # never a mix of two bundles: incomplete until the new manifest
         with tempfile.TemporaryDirectory() as tmp:
             bundle = write_bundle(Path(tmp) / "bundle", model.cpu(), cfg, data.class_names,
-                                  to_jsonable({"val": val, "test": test}), provenance)
+                                  to_jsonable({"val": val, "val_best_epoch": best_epoch, "test": test}), provenance)
             dest.upload_dir(bundle, "", last=(MANIFEST,))
     sampling = {k: cfg["diffusion"][k] for k in ("sampler", "sample_steps", "num_samples")}
-    return {"test": to_jsonable(test), "class_names": data.class_names, "sampling": sampling, "explain": looks}
+    return {"test": to_jsonable(test), "val": to_jsonable(val), "class_names": data.class_names,
+            "sampling": sampling, "explain": looks}
 
 
 def where_it_looks(model, dataset, cfg: dict, temperature: float, device) -> dict:

@@ -258,7 +258,8 @@ def search_dataset(s, export: bool, pool, live) -> dict:
             "denoiser_calls_per_image")}} if point is not None else None
     out["best"] = best_entry(best, [p.key for p in s.params], tested["test"], tested["class_names"],
                              tested["checkpoint_uri"], tested["bundle_uri"], sampling, cost, repeats,
-                             model_kind=kind, control=controls.control_columns(control, control_test))
+                             model_kind=kind, control=controls.control_columns(control, control_test),
+                             val_at_point=tested.get("val"))
     if kind != "diffmic":
         print(f"[search] {s.dataset}: {controls.beaten_sentence(kind)}", flush=True)
     return out
