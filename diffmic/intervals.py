@@ -5,6 +5,10 @@ Stratified (each resample keeps every class's count, so a rare class never vanis
 vectorised: each of the B resamples is a row of multiplicities W (B×N), and every metric is computed for all rows at
 once from weighted counts — the confusion matrices W @ onehot(true, predicted), weighted Mann-Whitney sums for AUC,
 weighted bins for ECE — never by a Python loop over resamples.
+
+The intervals are percentile intervals. For the binned calibration errors (ECE, class-wise ECE) a resample's value is
+biased upward (a sum of absolute gaps grows with the noise of resampling), so their interval can lie above the point
+estimate: read it as the figure's spread, not as a bound around it.
 """
 from __future__ import annotations
 
@@ -79,9 +83,22 @@ def _ece(w: np.ndarray, labels: np.ndarray, probs: np.ndarray, bins: int = 15) -
     return gap.sum(1) / w.sum(1)
 
 
+def _classwise_ece(w: np.ndarray, labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> np.ndarray:
+    edges = np.linspace(0, 1, bins + 1)
+    out = []
+    for c in range(probs.shape[1]):
+        p, hit = probs[:, c], (labels == c).astype(float)
+        which = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, bins - 1)
+        member = np.zeros((len(labels), bins))
+        member[np.arange(len(labels)), which] = 1
+        out.append(np.abs(w @ (member * hit[:, None]) - w @ (member * p[:, None])).sum(1) / w.sum(1))
+    return np.mean(out, axis=0)
+
+
 def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
                         level: float = LEVEL, ordinal: bool = True) -> dict:
-    """{metric}_lo / _hi (percentile interval) for accuracy, balanced accuracy, macro-F1, kappa, AUC and ECE, and
+    """{metric}_lo / _hi (percentile interval) for accuracy, balanced accuracy, macro-F1, kappa, AUC, ECE,
+    class-wise ECE, NLL and Brier score, and
     `per_class_recall_lo/_hi` lists; `resamples` and `level` are returned with them."""
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
     if len(labels) == 0:
@@ -90,6 +107,10 @@ def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, resamples: int = 
     values = _from_confusions(_confusions(w, labels, probs.argmax(1), probs.shape[1]), ordinal)
     values["auc"] = _auc(w, labels, probs) if len(np.unique(labels)) > 1 else np.full(resamples, np.nan)
     values["ece"] = _ece(w, labels, probs)
+    values["classwise_ece"] = _classwise_ece(w, labels, probs)
+    rows = np.arange(len(labels))
+    values["nll"] = w @ -np.log(np.clip(probs[rows, labels], 1e-12, None)) / w.sum(1)
+    values["brier"] = w @ ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(1) / w.sum(1)
     tail = 100 * (1 - level) / 2
     out: dict = {"interval_resamples": resamples, "interval_level": level}
     for name, v in values.items():

@@ -10,7 +10,8 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kapp
 # The figures every evaluation reports for the diffusion head, for its own DCG alone (`dcg_<metric>`, same split and
 # rule, the DCG's own fitted temperature) and for the difference (`gain_<metric>` = head − DCG; for ECE a negative
 # gain is the better). The search may optimise any of them (prefixed val_ / test_).
-HEAD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece")
+HEAD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece", "classwise_ece", "nll", "brier")
+BINS = 15  # calibration bins (ECE, class-wise ECE, the reliability diagram)
 SCALAR_METRICS = HEAD_METRICS + tuple(f"dcg_{m}" for m in HEAD_METRICS) + tuple(f"gain_{m}" for m in HEAD_METRICS)
 
 
@@ -34,6 +35,33 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
         if inside.any():
             ece += inside.mean() * abs((predicted[inside] == labels[inside]).mean() - confidence[inside].mean())
     return float(ece)
+
+
+def classwise_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = BINS) -> float:
+    """Mean over classes of the binned gap between p_c and the frequency of class c (every class's probability,
+    not only the top one's: a model can be right in its argmax and wrong about the rest)."""
+    edges = np.linspace(0, 1, bins + 1)
+    gaps = []
+    for c in range(probs.shape[1]):
+        p, hit = probs[:, c], (labels == c)
+        which = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, bins - 1)
+        gap = sum(abs(hit[which == b].sum() - p[which == b].sum()) for b in range(bins) if (which == b).any())
+        gaps.append(gap / max(len(labels), 1))
+    return float(np.mean(gaps)) if gaps else 0.0
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = BINS) -> dict:
+    """The reliability diagram's data: per bin of top-label confidence, its mean confidence, accuracy and count."""
+    confidence, right = probs.max(1), probs.argmax(1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    out = {"confidence": [], "accuracy": [], "count": []}
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            out["confidence"].append(float(confidence[inside].mean()))
+            out["accuracy"].append(float(right[inside].mean()))
+            out["count"].append(int(inside.sum()))
+    return out
 
 
 def one_vs_rest_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -61,6 +89,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.
             "kappa": float(cohen_kappa_score(labels, predicted, labels=classes, weights="quadratic")),
             "auc": one_vs_rest_auc(labels, probs),
             "ece": expected_calibration_error(labels, probs),
+            "classwise_ece": classwise_calibration_error(labels, probs),
+            "nll": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+            if len(labels) else 0.0,
+            "brier": float(((probs - np.eye(num_classes)[labels]) ** 2).sum(1).mean()) if len(labels) else 0.0,
+            "reliability": reliability(labels, probs),
             "per_class_recall": recall_score(labels, predicted, labels=classes, average=None,
                                              zero_division=0).tolist(),
             "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),

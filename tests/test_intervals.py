@@ -31,6 +31,7 @@ def test_every_resample_equals_the_metrics_of_that_resample():
             assert fast[k][b] == pytest.approx(slow[k], abs=1e-9), k
         assert auc[b] == pytest.approx(slow["auc"], abs=1e-9)
         assert ece[b] == pytest.approx(slow["ece"], abs=1e-9)
+        assert intervals._classwise_ece(w, labels, probs)[b] == pytest.approx(slow["classwise_ece"], abs=1e-9)
         assert fast["per_class_recall"][b] == pytest.approx(slow["per_class_recall"], abs=1e-9)
 
 
@@ -40,8 +41,10 @@ def test_intervals_cover_the_estimate_and_shrink_with_n():
         labels, probs = _data(n, seed=n)
         point = classification_metrics(labels, probs)
         ci = intervals.bootstrap_intervals(labels, probs, resamples=1000, seed=0)
-        for k in ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece"):
+        for k in ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "nll", "brier"):
             assert ci[f"{k}_lo"] <= point[k] + 1e-9 and point[k] - 1e-9 <= ci[f"{k}_hi"], k
+        for k in ("ece", "classwise_ece"):  # binned |gaps| grow under resampling: ordered, not always covering
+            assert 0 <= ci[f"{k}_lo"] <= ci[f"{k}_hi"]
         assert len(ci["per_class_recall_lo"]) == 3 and ci["interval_resamples"] == 1000
         widths.append(ci["accuracy_hi"] - ci["accuracy_lo"])
     assert widths[1] < widths[0] / 2  # ~1/sqrt(10) in theory

@@ -92,4 +92,30 @@ def gain_section(res: Results, dataset: str) -> str:
     return "".join(parts)
 
 
-SELECTION_SECTIONS = (gain_section, pareto_section, finalists_section)
+def calibration_section(res: Results, dataset: str) -> str:
+    """The exported model's reliability diagram on test (confidence against accuracy per bin, the diagonal being
+    perfect calibration) beside its calibration figures and its DCG's, each with its own temperature."""
+    b = res.best.get(dataset) or {}
+    test = b.get("test") or {}
+    diagram = test.get("reliability") or {}
+    title = "<h3>Calibration of the exported model (test)</h3>"
+    if not diagram.get("count"):
+        return title + note("No reliability data for this dataset's test (best.json from an earlier version).")
+    tau = (b.get("val_at_point") or {}).get("temperature")
+    fig = go.Figure([
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect", line=dict(dash="dot", color="#999")),
+        go.Scatter(x=diagram["confidence"], y=diagram["accuracy"], mode="lines+markers", name="exported model",
+                   text=[f"{n} images" for n in diagram["count"]],
+                   marker=dict(size=[6 + 24 * (n / max(diagram["count"])) ** 0.5 for n in diagram["count"]]),
+                   hovertemplate="confidence %{x:.3f}: accuracy %{y:.3f} (%{text})<extra></extra>")])
+    fig.update_layout(xaxis_title="mean confidence in the bin", yaxis_title="accuracy in the bin",
+                      xaxis_range=[0, 1], yaxis_range=[0, 1])
+    names = ("ece", "classwise_ece", "nll", "brier")
+    rows = "".join(f"<tr><th>{esc(m)}</th><td>{esc(fmt(test.get(m)))}</td><td>{esc(fmt(test.get(f'dcg_{m}')))}</td>"
+                   "</tr>" for m in names)
+    table = (f"<table class=small><tr class=sub><th>test</th><th>model</th><th>its DCG</th></tr>{rows}</table>"
+             + note(f"Temperature fitted on validation at the exported point: {fmt(tau)} (the DCG has its own)."))
+    return title + f"<div class=grid2><div>{plot(fig, 340)}</div><div>{table}</div></div>"
+
+
+SELECTION_SECTIONS = (gain_section, calibration_section, pareto_section, finalists_section)
