@@ -107,12 +107,15 @@ def evaluate(model: DiffMIC, dataset: Dataset, cfg: dict, session: Session, gene
     if dcg_temperature is None:
         dcg_temperature = fit_temperature(dcg_logits, merged["labels"])
     probs = class_probabilities(chains, temperature)
-    metrics = classification_metrics(merged["labels"], probs, class_probabilities(dcg_logits, dcg_temperature))
+    # a config written before dataset.ordinal existed: nominal (Cohen's kappa only)
+    ordinal = bool(cfg["dataset"].get("ordinal", False))
+    metrics = classification_metrics(merged["labels"], probs, class_probabilities(dcg_logits, dcg_temperature),
+                                     ordinal=ordinal)
     metrics["mean_entropy"] = float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(1).mean()) if len(probs) else 0.0
     metrics["temperature"] = float(temperature)
     metrics["dcg_temperature"] = float(dcg_temperature)
     if intervals:
-        metrics.update(bootstrap_intervals(merged["labels"], probs, seed=generator_seed))
+        metrics.update(bootstrap_intervals(merged["labels"], probs, seed=generator_seed, ordinal=ordinal))
     return metrics
 
 

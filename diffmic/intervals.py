@@ -33,7 +33,19 @@ def _confusions(w: np.ndarray, labels: np.ndarray, predicted: np.ndarray, classe
     return (w @ cells).reshape(-1, classes, classes)  # B×C×C, rows = true class
 
 
-def _from_confusions(cm: np.ndarray, ordinal: bool = True) -> dict[str, np.ndarray]:
+def _kappa(cm: np.ndarray, quadratic: bool) -> np.ndarray:
+    total = cm.sum((1, 2))
+    support, predicted = cm.sum(2), cm.sum(1)
+    c = cm.shape[1]
+    i, j = np.meshgrid(np.arange(c), np.arange(c), indexing="ij")
+    weights = ((i - j) ** 2).astype(float) if quadratic else (i != j).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = support[:, :, None] * predicted[:, None, :] / total[:, None, None]
+        chance = (weights * expected).sum((1, 2))
+        return np.where(chance > 0, 1 - (weights * cm).sum((1, 2)) / chance, 1.0)
+
+
+def _from_confusions(cm: np.ndarray, ordinal: bool = False) -> dict[str, np.ndarray]:
     total = cm.sum((1, 2))
     diag = np.diagonal(cm, axis1=1, axis2=2)
     support, predicted = cm.sum(2), cm.sum(1)
@@ -42,16 +54,10 @@ def _from_confusions(cm: np.ndarray, ordinal: bool = True) -> dict[str, np.ndarr
         precision = np.where(predicted > 0, diag / predicted, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
         present = support > 0
-        c = cm.shape[1]
-        i, j = np.meshgrid(np.arange(c), np.arange(c), indexing="ij")
-        weights = ((i - j) ** 2 / max(c - 1, 1) ** 2) if ordinal else (i != j).astype(float)
-        expected = support[:, :, None] * predicted[:, None, :] / total[:, None, None]
-        observed = (weights * cm).sum((1, 2))
-        chance = (weights * expected).sum((1, 2))
-        kappa = np.where(chance > 0, 1 - observed / chance, 1.0)
     return {"accuracy": diag.sum(1) / total,
             "balanced_accuracy": (recall * present).sum(1) / present.sum(1),
-            "macro_f1": f1.mean(1), "kappa": kappa, "per_class_recall": recall}
+            "macro_f1": f1.mean(1), "kappa": _kappa(cm, quadratic=False), "per_class_recall": recall,
+            **({"qwk": _kappa(cm, quadratic=True)} if ordinal else {})}
 
 
 def _auc(w: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -96,7 +102,7 @@ def _classwise_ece(w: np.ndarray, labels: np.ndarray, probs: np.ndarray, bins: i
 
 
 def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
-                        level: float = LEVEL, ordinal: bool = True) -> dict:
+                        level: float = LEVEL, ordinal: bool = False) -> dict:
     """{metric}_lo / _hi (percentile interval) for accuracy, balanced accuracy, macro-F1, kappa, AUC, ECE,
     class-wise ECE, NLL and Brier score, and
     `per_class_recall_lo/_hi` lists; `resamples` and `level` are returned with them."""

@@ -12,7 +12,10 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kapp
 # gain is the better). The search may optimise any of them (prefixed val_ / test_).
 HEAD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece", "classwise_ece", "nll", "brier")
 BINS = 15  # calibration bins (ECE, class-wise ECE, the reliability diagram)
-SCALAR_METRICS = HEAD_METRICS + tuple(f"dcg_{m}" for m in HEAD_METRICS) + tuple(f"gain_{m}" for m in HEAD_METRICS)
+# Ordinal tasks (dataset.ordinal: graded severity) also get the quadratic-weighted kappa; `kappa` is Cohen's
+# unweighted kappa for every task (weights would depend on an arbitrary class order for nominal diagnoses).
+ORDINAL_METRICS = ("qwk",)
+SCALAR_METRICS = tuple(f"{p}{m}" for p in ("", "dcg_", "gain_") for m in HEAD_METRICS + ORDINAL_METRICS)
 
 
 def prefixed(prefix: str, metrics: dict) -> dict:
@@ -73,7 +76,8 @@ def one_vs_rest_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.ndarray | None = None) -> dict:
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.ndarray | None = None,
+                           ordinal: bool = False) -> dict:
     """Scalar metrics plus per-class recall and the confusion matrix (rows = true class); with `dcg_probs`, the same
     scalars of the DCG alone (`dcg_*`) and the head's gain over it (`gain_*`)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
@@ -86,7 +90,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.
             "accuracy": float(accuracy_score(labels, predicted)),
             "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
             "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
-            "kappa": float(cohen_kappa_score(labels, predicted, labels=classes, weights="quadratic")),
+            "kappa": float(cohen_kappa_score(labels, predicted, labels=classes)),
             "auc": one_vs_rest_auc(labels, probs),
             "ece": expected_calibration_error(labels, probs),
             "classwise_ece": classwise_calibration_error(labels, probs),
@@ -98,11 +102,14 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.
                                              zero_division=0).tolist(),
             "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
         }
-    if np.isnan(out["kappa"]):  # sklearn gives NaN when both raters use one class; agreement is then perfect or nil
-        out["kappa"] = float(out["accuracy"] == 1.0)
+        if ordinal:
+            out["qwk"] = float(cohen_kappa_score(labels, predicted, labels=classes, weights="quadratic"))
+    for k in ("kappa", "qwk"):  # sklearn gives NaN when both raters use one class; agreement is then perfect or nil
+        if k in out and np.isnan(out[k]):
+            out[k] = float(out["accuracy"] == 1.0)
     if dcg_probs is not None:
-        dcg = classification_metrics(labels, dcg_probs)
-        for m in HEAD_METRICS:
+        dcg = classification_metrics(labels, dcg_probs, ordinal=ordinal)
+        for m in HEAD_METRICS + (ORDINAL_METRICS if ordinal else ()):
             out[f"dcg_{m}"] = dcg[m]
             out[f"gain_{m}"] = out[m] - dcg[m]
         out["dcg_per_class_recall"] = dcg["per_class_recall"]

@@ -51,3 +51,22 @@ def test_intervals_cover_the_estimate_and_shrink_with_n():
     again = intervals.bootstrap_intervals(*_data(120, seed=120), resamples=1000, seed=0)
     assert again["accuracy_lo"] == intervals.bootstrap_intervals(*_data(120, seed=120), resamples=1000,
                                                                   seed=0)["accuracy_lo"]  # seeded
+
+
+def test_kappa_is_cohens_and_ordinal_tasks_add_the_quadratic_one():
+    """Issue 22: QWK depends on the class order, meaningless for nominal diagnoses; the column name says which."""
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 1])
+    predicted = np.array([0, 2, 1, 0, 2, 1, 2, 1])  # the two confusions 0<->2 are far apart in the order
+    probs = np.eye(3)[predicted] * 0.8 + 0.2 / 3
+    nominal, ordinal = classification_metrics(labels, probs), classification_metrics(labels, probs, ordinal=True)
+    assert "qwk" not in nominal and nominal["kappa"] == ordinal["kappa"]
+    assert ordinal["qwk"] != pytest.approx(ordinal["kappa"], abs=1e-3)
+    swapped = np.array([1, 0, 2])  # the same diagnoses in another order: Cohen's kappa stays, QWK moves
+    again = classification_metrics(swapped[labels], probs[:, np.argsort(swapped)], ordinal=True)
+    assert again["kappa"] == pytest.approx(ordinal["kappa"]) and again["qwk"] != pytest.approx(ordinal["qwk"])
+    w = intervals.stratified_weights(labels, 3, seed=0)
+    fast = intervals._from_confusions(intervals._confusions(w, labels, predicted, 3), ordinal=True)
+    for b in range(3):
+        idx = np.repeat(np.arange(len(labels)), w[b].astype(int))
+        slow = classification_metrics(labels[idx], probs[idx], ordinal=True)
+        assert fast["qwk"][b] == pytest.approx(slow["qwk"]) and fast["kappa"][b] == pytest.approx(slow["kappa"])
