@@ -58,15 +58,6 @@ def run_control(search) -> pd.Series | None:
                       "checkpoint_path": result.checkpoint.path})
 
 
-def control_point(search, control: pd.Series) -> pd.DataFrame:
-    """The control as one pareto.csv row (kind `control`): its validation figures at the DCG read-out, and its cost
-    measured like every other point's."""
-    from tune import pareto
-
-    frame = pareto.measure_trials(search, control.to_frame().T, grid=[{"sampler": "dcg"}])
-    return frame.assign(model_kind="control") if len(frame) else frame
-
-
 def beaten_sentence(kind: str) -> str:
     """The one sentence a search that did not beat its controls says (the console, the report)."""
     what = "its own DCG read out alone" if kind == "dcg" else "a plain classifier (the DCG's backbone + linear head)"

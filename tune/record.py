@@ -256,18 +256,19 @@ def describe(cfg: dict, params) -> dict:
 def best_entry(trial: pd.Series, params: list[str], test: dict, class_names: list[str], checkpoint_uri: str,
                bundle_uri: str | None, sampling: dict | None = None, point: dict | None = None,
                repeats: dict | None = None, model_kind: str = "diffmic", control: dict | None = None,
-               val_at_point: dict | None = None) -> dict:
+               val_at_point: dict | None = None, verdict: str = "") -> dict:
     """A dataset's best trial as best.json keeps it: `sampling` is the sampler setting it was tested and exported
     with (None: its own), `point` that setting's validation figures and cost (pareto.csv), `repeats` the mean and
     sd of each validation metric over the finalists' repeats of its configuration, `model_kind` what was exported
     (diffmic | dcg | control), `control` the plain control's figures (control_* columns), `val_at_point` the
     validation figures of the exported model at the exported point (the condition its test figure was taken in;
-    `val` is the trial's best epoch with the training sampler)."""
+    `val` is the trial's best epoch with the training sampler), `verdict` the one sentence a search says when a
+    control beat the diffusion head."""
     return {"trial_id": trial["trial_id"], "params": {k: trial.get(k) for k in params},
             "val": unprefixed("val", trial.to_dict()), "test": test, "class_names": class_names,
             "checkpoint_uri": checkpoint_uri, "bundle_uri": bundle_uri, "sampling": sampling or {},
             "point": point or {}, "repeats": repeats or {}, "model_kind": model_kind, "control": control or {},
-            "val_at_point": val_at_point or {}}
+            "val_at_point": val_at_point or {}, "verdict": verdict}
 
 
 def best_row(dataset: str, entry: dict) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from diffmic.metrics import HEAD_METRICS
-from tune.controls import beaten_sentence
 from tune.pareto import COST
 from tune.record import Results
 from tune.render_parts import TOP_K, esc, fmt, note, plot
@@ -65,8 +64,8 @@ def gain_section(res: Results, dataset: str) -> str:
     b = res.best.get(dataset) or {}
     test, control, kind = b.get("test") or {}, b.get("control") or {}, b.get("model_kind", "diffmic")
     parts = [title]
-    if kind != "diffmic":
-        parts.append(f"<p class=warn><b>{esc(beaten_sentence(kind))}.</b></p>")
+    if b.get("verdict"):  # the search's own sentence when a control won (tune/controls.py)
+        parts.append(f"<p class=warn><b>{esc(b['verdict'])}.</b></p>")
     if test:
         head = "head (exported point)" if kind == "diffmic" else f"exported {kind}"
         rows = [f"<tr><th>{esc(m)}</th><td>{esc(fmt(test.get(m)))}</td><td>{esc(fmt(test.get(f'dcg_{m}')))}</td>"

@@ -208,9 +208,12 @@ def search_dataset(s, export: bool, pool, live) -> dict:
             print(f"[search] {s.dataset}: the plain control failed ({type(e).__name__}: {e}); run the same "
                   "command again to retry it", flush=True)
         if control is not None:
+            # the control as one more point, of kind `control`: its DCG read-out, measured like every other
+            mine = pareto.measure_trials(s, control.to_frame().T, grid=[{"sampler": "dcg"}])
+            mine = mine.assign(model_kind="control") if len(mine) else mine
             out["pareto"] = points = pareto.mark_front(pd.concat(
-                [p.drop(columns="on_front", errors="ignore") for p in (points, controls.control_point(s, control))
-                 if len(p)], ignore_index=True), metric, mode)
+                [p.drop(columns="on_front", errors="ignore") for p in (points, mine) if len(p)], ignore_index=True),
+                metric, mode)
     repeats = {}
     if knobs["finalists"]:
         live.phase(s.dataset, "confirming the finalists")
@@ -259,7 +262,8 @@ def search_dataset(s, export: bool, pool, live) -> dict:
     out["best"] = best_entry(best, [p.key for p in s.params], tested["test"], tested["class_names"],
                              tested["checkpoint_uri"], tested["bundle_uri"], sampling, cost, repeats,
                              model_kind=kind, control=controls.control_columns(control, control_test),
-                             val_at_point=tested.get("val"))
+                             val_at_point=tested.get("val"),
+                             verdict="" if kind == "diffmic" else controls.beaten_sentence(kind))
     if kind != "diffmic":
         print(f"[search] {s.dataset}: {controls.beaten_sentence(kind)}", flush=True)
     return out
