@@ -274,7 +274,7 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
     seed_everything(seed + session.rank, cfg["deterministic"])
     data: DataSplits = build_splits(cfg["dataset"], seed=split_seed(cfg))
     session.log(f"data: {cfg['dataset']['name']} train {len(data.train)} / val {len(data.val)} / test "
-                f"{len(data.test)}, {data.num_classes} classes")
+                f"{len(data.test)}, {data.num_classes} classes" + (f"; splits {data.grouping}" if data.grouping else ""))
     torch.manual_seed(seed)  # identical initial weights on every rank
     core = build_model(cfg, data.num_classes, cfg["dataset"]["image_size"]).to(session.device)
     if session.device.type == "cuda" and t["channels_last"]:
@@ -282,6 +282,7 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
     optimizers = build_optimizers(core, t)
     ema = EMA(core, t["ema_decay"]) if t["ema"] else None
     session.start(cfg)
+    session.write_splits(data.membership)
     history: list[dict] = []
     selection = Selection(t)
     best = {"epoch": 0, "value": selection.worst, "metrics": {}}

@@ -43,6 +43,10 @@ class Session:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
+    def write_splits(self, membership: list[dict]) -> None:
+        """The split membership the run used (splits.csv: image, group, split, carve), where the run lives; a
+        session that keeps no files of its own writes nothing (a search writes it into its record)."""
+
     def prepare_loader(self, loader):
         return loader
 
@@ -99,6 +103,10 @@ class LocalSession(Session):
     def start(self, cfg: dict) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.json").write_text(json.dumps(to_jsonable(cfg), indent=1))
+
+    def write_splits(self, membership: list[dict]) -> None:
+        if membership:
+            write_csv(self.output_dir / "splits.csv", membership)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -192,6 +192,12 @@ class Record:
         except FileNotFoundError:
             return pd.DataFrame(columns=list(ledger.FIELDS))
 
+    def write_splits(self, dataset: str, membership: list[dict]) -> None:
+        """splits/<dataset>.csv: the membership every trial of the dataset trains, validates and tests on (image,
+        group, split, carve), as nnU-Net writes its folds, so that a reader can check the split."""
+        if membership:
+            self.storage.write_text(self.key("splits", f"{dataset}.csv"), pd.DataFrame(membership).to_csv(index=False))
+
     def write_study(self, dataset: str, db: bytes) -> None:
         self.storage.write_bytes(self.study_key(dataset), db)
 

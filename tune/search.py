@@ -85,9 +85,11 @@ def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
     check_pretrained(local["model"])  # cheap, so before the images are read
     data = build_splits(local["dataset"], seed=split_seed(dcfg))
     print(f"[search] {name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
-          f"{data.num_classes} classes; {len(params)} parameters, {dcfg['search']['num_samples']} trials",
-          flush=True)
-    return DatasetSearch(name, dcfg, params, storage, experiment)
+          f"{data.num_classes} classes; {len(params)} parameters, {dcfg['search']['num_samples']} trials"
+          + (f"; splits {data.grouping}" if data.grouping else ""), flush=True)
+    search = DatasetSearch(name, dcfg, params, storage, experiment)
+    search.record.write_splits(name, data.membership)  # what every trial trains, validates and tests on
+    return search
 
 
 def search(cfg: dict, overrides: list[str], own: dict[str, list[str]] | None = None) -> None:

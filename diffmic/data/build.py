@@ -1,6 +1,7 @@
 """`build_splits`: config dict -> validated train / val / test datasets (val carved from train, stratified)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -12,6 +13,7 @@ from diffmic.data.errors import DataError
 from diffmic.data.images import check_images
 from diffmic.data.prepared import PreparedImages
 from diffmic.data.sources import READERS
+from diffmic.data.groups import combine, duplicate_groups, grouped_carve
 from diffmic.data.splits import stratified_carve
 from diffmic.data.transforms import eval_transform, train_transform
 
@@ -69,19 +71,55 @@ def build_splits(cfg: Mapping, seed: int = 0) -> DataSplits:
     _check_train_classes(src.train_labels, names, where)
     tr_p, tr_y = list(src.train_paths), src.train_labels
     all_paths = tr_p + list(src.test_paths or [])  # source order, for the first-missing-file message
+    check_images(all_paths, c["verify_images"], where)
+    reader = PreparedImages(size, c["jpeg_draft"], c["cache"])  # cache: the node's where the images are read
+    groups, grouping = _groups(src, c, all_paths, reader)
+    tr_g = groups[:len(tr_p)] if groups is not None else None
     if src.test_paths is None:
-        keep, carved = stratified_carve(tr_y, c["test_fraction"], [split_seed, _TEST_STREAM])
+        keep, carved = grouped_carve(tr_y, tr_g, c["test_fraction"], [split_seed, _TEST_STREAM])
         te_p, te_y = [tr_p[i] for i in carved], tr_y[carved]
+        te_g = tr_g[carved] if tr_g is not None else None
         tr_p, tr_y = [tr_p[i] for i in keep], tr_y[keep]
+        tr_g = tr_g[keep] if tr_g is not None else None
         _nonempty("test", len(te_p), f"test_fraction = {c['test_fraction']} of {len(keep) + len(carved)} examples")
     else:
         te_p, te_y = list(src.test_paths), src.test_labels
+        te_g = groups[len(src.train_paths):] if groups is not None else None
         _nonempty("test", len(te_p), f"the test source of {where} lists no image")
-    keep, val = stratified_carve(tr_y, c["val_fraction"], val_stream)
+    keep, val = grouped_carve(tr_y, tr_g, c["val_fraction"], val_stream)
     _nonempty("val", len(val), f"val_fraction = {c['val_fraction']} of {len(tr_y)} training examples")
     _nonempty("train", len(keep), f"all {len(tr_y)} training examples went to val")
-    check_images(all_paths, c["verify_images"], where)
-    reader = PreparedImages(size, c["jpeg_draft"], c["cache"])  # cache: the node's where the images are read
-    return DataSplits(ImageListDataset([tr_p[i] for i in keep], tr_y[keep], tf_train, reader),
-                      ImageListDataset([tr_p[i] for i in val], tr_y[val], tf_eval, reader),
-                      ImageListDataset(te_p, te_y, tf_eval, reader), list(names))
+    if tr_g is not None and te_g is not None:
+        crossing = len(set(tr_g.tolist()) & set(te_g.tolist()))
+        if crossing:  # a given test split the groups cannot move: said, never hidden
+            grouping += f"; {crossing} group(s) of the given test split also appear in train"
+    splits = DataSplits(ImageListDataset([tr_p[i] for i in keep], tr_y[keep], tf_train, reader),
+                        ImageListDataset([tr_p[i] for i in val], tr_y[val], tf_eval, reader),
+                        ImageListDataset(te_p, te_y, tf_eval, reader), list(names))
+    splits.grouping = grouping
+    def row(path: str, group, split: str) -> dict:  # paths relative to the root: the same on every node
+        shown = os.path.relpath(path, c["root"]) if c["root"] and path.startswith(str(c["root"])) else path
+        return {"image": shown, "group": "" if group is None else str(group), "split": split,
+                "carve": c["val_carve"]}
+    pick = (lambda g, i: g[i]) if tr_g is not None else (lambda g, i: None)
+    splits.membership = ([row(tr_p[i], pick(tr_g, i), "train") for i in keep]
+                         + [row(tr_p[i], pick(tr_g, i), "val") for i in val]
+                         + [row(p, pick(te_g, i) if te_g is not None else None, "test") for i, p in enumerate(te_p)])
+    return splits
+
+
+def _groups(src, c: dict, paths: list[str], reader) -> tuple[np.ndarray | None, str]:
+    """One group id per image of `paths` (train then test) and a line saying what they are: the source's groups
+    (dataset.group_column) merged with duplicate groups (dataset.group_duplicates)."""
+    given = None
+    if src.train_groups is not None:
+        given = list(src.train_groups) + list(src.test_groups or [f"image:{p}" for p in src.test_paths or []])
+    text = src.grouping or "per image (no group_column)"
+    duplicates = None
+    if c.get("group_duplicates"):
+        duplicates = duplicate_groups(paths, reader, int(c["duplicate_distance"]))
+        merged = len(paths) - len(set(duplicates.tolist()))
+        text += f"; duplicates merged: {merged} image(s) joined a group (perceptual hash, distance " \
+                f"{c['duplicate_distance']})"
+    groups = combine(given, duplicates)
+    return (None if groups is None else groups), text

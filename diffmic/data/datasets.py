@@ -7,7 +7,7 @@ DataLoader processes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,6 +68,8 @@ class DataSplits:
     val: Dataset  # eval transform, carved from train
     test: Dataset  # eval transform
     class_names: list[str]  # index order
+    grouping: str = ""  # how the splits keep groups apart (diffmic/data/groups.py), for the run's log
+    membership: list = field(default_factory=list)  # splits.csv rows: image, group, split, carve (file datasets)
 
     @property
     def num_classes(self) -> int:

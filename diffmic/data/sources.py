@@ -26,6 +26,9 @@ class Source:
     test_labels: np.ndarray | None
     class_names: list[str]
     where: str  # where the images are, for error messages
+    train_groups: list[str] | None = None  # one group per image (a lesion, a patient; dataset.group_column)
+    test_groups: list[str] | None = None
+    grouping: str = ""  # what the groups are, for the run's log
 
 
 def _join(base: str | None, p: str) -> str:
@@ -117,8 +120,39 @@ def read_isic2018(c: dict) -> Source:
     if c["test_csv"]:
         te_images = _dir(_join(root, c["test_images_dir"] or c["images_dir"]), "test_images_dir")
         te_p, te_y = _isic_split(_join(root, c["test_csv"]), "test_csv", te_images, ext)
-    return Source(tr_p, np.asarray(tr_y, np.int64), te_p, None if te_y is None else np.asarray(te_y, np.int64),
-                  _display_names(c, ISIC_CLASSES), f"dataset 'isic2018' under {images}")
+    source = Source(tr_p, np.asarray(tr_y, np.int64), te_p, None if te_y is None else np.asarray(te_y, np.int64),
+                    _display_names(c, ISIC_CLASSES), f"dataset 'isic2018' under {images}")
+    return _with_isic_lesions(source, c, root, ext)
+
+
+def _with_isic_lesions(source: Source, c: dict, root: str, ext: str) -> Source:
+    """HAM10000's lesion of each image (`dataset.group_column`, lesion_id), from the ground-truth CSV when it has
+    that column, else from `dataset.metadata_csv` (HAM10000_metadata.csv: image_id, lesion_id) under root."""
+    column = c["group_column"]
+    if not column:
+        return source
+    lesions: dict[str, str] = {}
+    for key in ("csv", "test_csv", "metadata_csv"):
+        path = _join(root, c[key]) if c.get(key) else None
+        if path and os.path.isfile(path):
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                for row in csv.DictReader(f):
+                    row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+                    image = row.get("image") or row.get("image_id")
+                    if image and row.get(column):
+                        lesions[image] = row[column]
+    if not lesions:
+        source.grouping = (f"per image: no {column} in {c['csv']} nor {c.get('metadata_csv')} under {root} "
+                           "(images of one lesion may sit on both sides of a split)")
+        return source
+
+    def groups(paths):
+        # an image without a lesion id is a group of its own
+        return None if paths is None else [lesions.get(os.path.basename(p)[:-len(ext)] if p.endswith(ext)
+                                                        else os.path.basename(p), f"image:{p}") for p in paths]
+    source.train_groups, source.test_groups = groups(source.train_paths), groups(source.test_paths)
+    source.grouping = f"by {column} ({len(set(source.train_groups))} lesions for {len(source.train_paths)} images)"
+    return source
 
 
 def _aptos_split(csv_path: str, key: str, images: str, ext: str) -> tuple[list[str], list[int]]:
@@ -183,8 +217,17 @@ def read_pkl(c: dict) -> Source:
         labels = [_check_label(it["label"], n, p, path) for it, p in zip(items, paths)]
         out[key] = (paths, np.asarray(labels, np.int64))
     te = out.get("test_list", (None, None))
-    return Source(*out["train_list"], *te, list(names) if names else [f"class_{i}" for i in range(n)],
-                  f"the list file {lists['train_list'][0]} (check dataset.root and dataset.path_remap)")
+    source = Source(*out["train_list"], *te, list(names) if names else [f"class_{i}" for i in range(n)],
+                    f"the list file {lists['train_list'][0]} (check dataset.root and dataset.path_remap)")
+    column = c["group_column"]
+    if column:  # a key of the list's entries; an entry without it is a group of its own
+        def groups(key):
+            if key not in lists:
+                return None
+            return [str(it.get(column) or f"image:{it['img_root']}") for it in lists[key][1]]
+        source.train_groups, source.test_groups = groups("train_list"), groups("test_list")
+        source.grouping = f"by {column} ({len(set(source.train_groups))} groups)"
+    return source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,20 +286,24 @@ def read_csv_dataset(c: dict) -> Source:
             path = _join(root, c[key])
             rows = _read_csv(path, cols, key)
             base = root if root is not None else os.path.dirname(path)
-            tables[key] = (path, [_join(base, r[cols[0]]) for r in rows], [r[cols[1]] for r in rows])
-    for path, images, raw in tables.values():
+            tables[key] = (path, [_join(base, r[cols[0]]) for r in rows], [r[cols[1]] for r in rows],
+                           [r.get(c["group_column"], "") for r in rows] if c["group_column"] else None)
+            if c["group_column"] and rows and c["group_column"] not in rows[0]:
+                raise DataError(f"CSV {path} lacks the column {c['group_column']!r} (dataset.group_column); "
+                                f"found [{preview(list(rows[0]))}]")
+    for path, images, raw, _ in tables.values():
         for img, lab in zip(images, raw):
             if lab == "":
                 raise DataError(f"empty label for image {img} in {path}; expected a class index or class name")
-    as_ints = all(_as_int(v) is not None for _, _, raw in tables.values() for v in raw)
+    as_ints = all(_as_int(v) is not None for _, _, raw, _ in tables.values() for v in raw)
     names = c["class_names"]
     if as_ints:
-        top = max((_as_int(v) for _, _, raw in tables.values() for v in raw), default=-1)
+        top = max((_as_int(v) for _, _, raw, _ in tables.values() for v in raw), default=-1)
         names = list(names) if names else [f"class_{i}" for i in range(top + 1)]
     elif names is None:
         names = sorted(set(tables["train_csv"][2]))
     out = {}
-    for key, (path, images, raw) in tables.items():
+    for key, (path, images, raw, _) in tables.items():
         if as_ints:
             labels = [_check_label(_as_int(v), len(names), img, path) for img, v in zip(images, raw)]
         else:
@@ -268,7 +315,15 @@ def read_csv_dataset(c: dict) -> Source:
             labels = [index[v] for v in raw]
         out[key] = (images, np.asarray(labels, np.int64))
     te = out.get("test_csv", (None, None))
-    return Source(*out["train_csv"], *te, list(names), f"the CSV {tables['train_csv'][0]}")
+    source = Source(*out["train_csv"], *te, list(names), f"the CSV {tables['train_csv'][0]}")
+    if c["group_column"]:  # an empty cell: the image is a group of its own
+        def groups(key):
+            if key not in tables:
+                return None
+            return [g or f"image:{img}" for img, g in zip(tables[key][1], tables[key][3])]
+        source.train_groups, source.test_groups = groups("train_csv"), groups("test_csv")
+        source.grouping = f"by {c['group_column']} ({len(set(source.train_groups))} groups)"
+    return source
 
 
 READERS = {"isic2018": read_isic2018, "aptos2019": read_aptos2019, "pkl": read_pkl, "folder": read_folder,
