@@ -899,6 +899,9 @@ def test_two_datasets_at_once_pareto_front_and_finalists(ray_tmp, tmp_path):
         runs = finalists[finalists["dataset"] == row["dataset"]]
         assert row["trial_id"] in set(runs["trial_id"])  # the tested model is a finalist run
         assert row["val_macro_f1_mean"] == pytest.approx(runs["val_macro_f1"].mean())
+        # issue 22: the exported repeat is repeat 0, and the configuration's test spread over its repeats is shown
+        assert runs.loc[runs["trial_id"] == row["trial_id"], "repeat"].iloc[0] == 0
+        assert pd.notna(row["test_macro_f1_repeats_mean"]) and pd.notna(row["test_macro_f1_repeats_sd"])
     page = (out / "report.html").read_text()
     assert "Pareto front" in page and "mean ± sd" in page
 
@@ -912,7 +915,8 @@ def test_two_datasets_at_once_pareto_front_and_finalists(ray_tmp, tmp_path):
     assert meta["sampler"]["sampler"] == "ddim" and meta["sampler"]["sample_steps"] == 3
     # the ledger of test looks (issue 22): the search's one test per dataset, then the export's
     looks = pd.read_csv(out / "test-looks.csv", dtype={"trial": str})
-    assert list(looks["command"]) == ["search", "search", "tune.export"]
+    assert sorted(looks["command"]) == ["search", "search", "search (repeat)", "search (repeat)", "tune.export"]
+    assert looks["command"].iloc[-1] == "tune.export"
     assert looks["trial"].iloc[-1] == trial and "sampler=ddim" in looks["point"].iloc[-1]
     assert pd.notna(json.loads(r.stdout.splitlines()[-1])["test_macro_f1"])
 

@@ -110,3 +110,23 @@ def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | No
 def _plain(value):
     """A pandas/numpy scalar as the plain Python value a config holds."""
     return value.item() if hasattr(value, "item") else value
+
+
+def test_spread(search, runs: pd.DataFrame, exported: pd.Series, exported_test: dict, sampling: dict | None,
+                test_best, look) -> dict:
+    """test_<metric>_repeats_mean/_sd over the exported configuration's repeats at the exported point: how much of
+    the one exported model's test figure is its seed. The configuration is already fixed, so this is no selection on
+    test; each further repeat's test is a test look (counted in the ledger)."""
+    mine = runs[(runs["config"] == exported["config"]) & runs["checkpoint_path"].notna()]
+    tests = [exported_test]
+    for _, run in mine[mine["trial_id"] != exported["trial_id"]].iterrows():
+        tests.append(test_best(search, run, None, sampling, explain=False)["test"])
+        search.record.append_test_look(look("search (repeat)", tests[-1], search.dataset, str(run["trial_id"]),
+                                            sampling))
+    out = {}
+    for m in SCALAR_METRICS:
+        xs = pd.Series([float(t[m]) for t in tests if isinstance(t.get(m), (int, float))])
+        if len(xs):
+            out[f"test_{m}_repeats_mean"] = float(xs.mean())
+            out[f"test_{m}_repeats_sd"] = float(xs.std(ddof=1)) if len(xs) > 1 else float("nan")
+    return out

@@ -91,7 +91,8 @@ def best_section(res: Results, dataset: str) -> str:
 
     cols = 5 if rep else 4
     rows = [f"<tr><th>{esc(k)}</th><td>{esc(fmt(val.get(k)))}</td>{spread(k) if rep else ''}"
-            f"<td>{esc(fmt(at_point.get(k)))}</td><td>{esc(with_interval(test, k))}</td></tr>" for k in names]
+            f"<td>{esc(fmt(at_point.get(k)))}</td><td>{esc(with_interval(test, k))}{repeats_text(rep, k)}</td></tr>"
+            for k in names]
     rows += [f"<tr class=sub><th colspan={cols}>parameters</th></tr>"]
     rows += [f"<tr><th>{esc(k)}</th><td colspan={cols - 1}>{esc(fmt(v))}</td></tr>"
              for k, v in {**b.get("params", {}), **(b.get("sampling") or {}), **(b.get("point") or {})}.items()]
@@ -103,6 +104,12 @@ def best_section(res: Results, dataset: str) -> str:
     left = (f"<p>Trial <b>{esc(b.get('trial_id', '?'))}</b>, chosen on validation {esc(res.metric(dataset))} ({esc(res.searches[dataset]['mode'])}), tested once.</p>"
             f"<table class=small><tr class=sub><th>metric</th><th>val (best epoch, training sampler)</th>{head}<th>val (exported point)</th><th>{esc(testhead)}</th></tr>{''.join(rows)}</table>")
     return f"<h3>Best trial</h3><div class=grid2><div>{left}</div><div>{confusion(b)}</div></div>"
+
+
+def repeats_text(rep: dict, key: str) -> str:
+    """The configuration's test mean ± sd over its finalist repeats, beside the exported repeat's test figure."""
+    mean, sd = rep.get(f"test_{key}_repeats_mean"), rep.get(f"test_{key}_repeats_sd")
+    return "" if mean is None else f"<br><small>repeats {esc(fmt(mean))} ± {esc(fmt(sd))}</small>"
 
 
 def confusion(best: dict) -> str:

@@ -250,6 +250,9 @@ def search_dataset(s, export: bool, pool, live) -> dict:
     live.phase(s.dataset, "testing the chosen model" + (" and exporting it" if export else ""))
     tested = test_best(s, best, s.record.best_bundle_uri(s.dataset) if export else None, sampling)
     s.record.append_test_look(look("search", tested["test"], s.dataset, str(best["trial_id"]), tested["sampling"]))
+    if repeats and kind == "diffmic":  # the configuration is fixed: its repeats' test spread is no selection on test
+        repeats = {**repeats, **finalists.test_spread(s, out["finalists"], best, tested["test"], sampling, test_best,
+                                                      look)}
     control_test = None
     if control is not None:  # the control is tested once too, so that best.csv sets the two side by side
         control_test = tested["test"] if kind == "control" else test_best(
