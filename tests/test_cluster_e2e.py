@@ -56,7 +56,8 @@ WORKING_DIR = f"local://{ROOT}"
 
 # Tiny trials (32 px, 1 DCG pre-training epoch), whose space is valid at 32 px (a 2x2 CAM: K <= 4).
 OWN = {"dataset.image_size", "train.epochs"}
-SMALL = [o for o in TINY if o.split("=", 1)[0] not in OWN] + ["dataset.image_size=32", "search.space.roi_count.choice=[1,2]"]
+SMALL = [o for o in TINY if o.split("=", 1)[0] not in OWN] + ["dataset.image_size=32", "search.space.roi_count.choice=[1,2]",
+                                                              "search.controls=[]"]  # tested in test_search.py
 
 JOB_TIMEOUT_S = 2400  # the machine is shared and has 2 cores: a 3-trial search took ~4-5 min when it was idle-ish
 

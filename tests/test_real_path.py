@@ -181,7 +181,9 @@ BUDGET = ["dataset.image_size=48", "model.dcg.backbone=resnet10t", "model.denois
           # The paper presets confirm 3 finalists x 3 seeds; that is tested on synthetic data
           # (test_search.py::test_two_datasets_at_once_pareto_front_and_finalists), not again here. The one sampler
           # point is the preset's own start, so the exported bundle must carry it.
-          "search.finalists=0", "search.pareto=[{sampler:official}]"]
+          "search.finalists=0", "search.pareto=[{sampler:official}]",
+          # the controls (a DCG point that may win at this budget, a Ray Train run each) are tested in test_search.py
+          "search.controls=[]"]
 
 
 def _predict(bundle: str, images, tmp_path, n: int) -> None:
