@@ -17,6 +17,7 @@ def run(cfg: dict) -> dict:
     from diffmic.engine import train
     from diffmic.remote import localize, plugin
     from diffmic.session import LocalSession
+    from diffmic.models.backbone import check_weights_fit
     from diffmic.weights import check_pretrained
 
     validate_config(cfg)
@@ -24,6 +25,7 @@ def run(cfg: dict) -> dict:
         return plugin("fit", "scaling.num_workers >= 1 (training through Ray Train)")(cfg)
     cfg = localize(cfg)  # remote data or weights (s3://…) into this node's cache
     check_pretrained(cfg["model"])  # before anything is written or read: never a silent random start
+    check_weights_fit(cfg["model"])
     session = LocalSession(cfg["output_dir"], resume=cfg["resume"], amp=cfg["train"]["amp"])  # no overwrite
     result = train(cfg, session)  # writes config.json once data and model are built
     return {"val": result.val, "test": result.test}

@@ -85,7 +85,8 @@ def check_optuna_storage(url) -> None:
     shown = redact_url(str(url))
     try:
         from sqlalchemy.engine import make_url
-        make_url(str(url)).get_dialect()  # imports the driver; connects to nothing
+        dialect = make_url(str(url)).get_dialect()
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()  # imports the driver; connects to nothing
     except Exception as e:  # noqa: BLE001 (no driver, unknown dialect, malformed URL: each one line)
         reason = " ".join(str(e).split()).replace(str(url), shown)[:160]
         raise SearchError(f"search.optuna_storage={shown}: cannot be used here ({type(e).__name__}: {reason}); "

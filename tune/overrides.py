@@ -62,6 +62,9 @@ def check(args: list[str], check_overrides, compose_ok, default_datasets: list[s
 
     common, own = split_per_dataset(args)
     names = named_datasets(common) or default_datasets
+    names = [n for n in names if compose_ok(n, [])]  # an unknown dataset is the search's own check to name
+    if not names:
+        return
     for name, extra in own.items():
         if name not in names:
             raise SearchError(f"datasets.{name}.…: {name!r} is not searched; expected one of datasets="

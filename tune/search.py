@@ -64,6 +64,7 @@ def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
     from diffmic.config import split_seed, validate_config
     from diffmic.data import build_splits
     from diffmic.remote import localize
+    from diffmic.models.backbone import check_weights_fit
     from diffmic.weights import check_pretrained
     from tune.pareto import check_grid
     from tune.runner import DatasetSearch
@@ -81,8 +82,9 @@ def plan_dataset(name: str, dcfg: dict, storage, experiment: str):
     local = localize(dcfg)  # s3:// data and weights into this node's cache (they must exist)
     root = local["dataset"].get("root")
     if root and not Path(str(root)).expanduser().is_dir():  # the commonest mistake, found before the weights
-        raise FileNotFoundError(f"no such directory {str(root)!r} (expected the dataset's root folder)")
+        raise FileNotFoundError(f"dataset root not found: {root}; expected the dataset's root folder")
     check_pretrained(local["model"])  # cheap, so before the images are read
+    check_weights_fit(local["model"])
     data = build_splits(local["dataset"], seed=split_seed(dcfg))
     print(f"[search] {name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
           f"{data.num_classes} classes; {len(params)} parameters, {dcfg['search']['num_samples']} trials"

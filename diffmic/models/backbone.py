@@ -10,6 +10,16 @@ from torch import nn
 from diffmic.weights import hub_model, load_weights_file
 
 
+def check_weights_fit(model_cfg: dict) -> None:
+    """Before any data is read: each stream's local weights file fits its backbone (one line naming the first
+    mismatch), so that a wrong file is found before, not after, the images."""
+    for stream, key in (("dcg", "backbone"), ("denoiser", "encoder")):
+        c = model_cfg[stream]
+        weights = c.get("weights")
+        if weights and not str(weights).startswith("s3://"):
+            create_backbone(c[key], pooled=True, weights=weights, stream=stream)
+
+
 def create_backbone(name: str, *, pooled: bool, pretrained: bool = False, weights: str | None = None,
                     output_stride: int = 32, stream: str = "dcg") -> nn.Module:
     """A timm model without its classifier: `pooled` returns (N, F) features, otherwise the (N, F, h, w) map.
