@@ -56,7 +56,7 @@ def _from_confusions(cm: np.ndarray, ordinal: bool = False) -> dict[str, np.ndar
         present = support > 0
     return {"accuracy": diag.sum(1) / total,
             "balanced_accuracy": (recall * present).sum(1) / present.sum(1),
-            "macro_f1": f1.mean(1), "kappa": _kappa(cm, quadratic=False), "per_class_recall": recall,
+            "macro_f1": f1.mean(1), "cohen_kappa": _kappa(cm, quadratic=False), "per_class_recall": recall,
             **({"qwk": _kappa(cm, quadratic=True)} if ordinal else {})}
 
 

@@ -10,10 +10,11 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kapp
 # The figures every evaluation reports for the diffusion head, for its own DCG alone (`dcg_<metric>`, same split and
 # rule, the DCG's own fitted temperature) and for the difference (`gain_<metric>` = head − DCG; for ECE a negative
 # gain is the better). The search may optimise any of them (prefixed val_ / test_).
-HEAD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece", "classwise_ece", "nll", "brier")
+HEAD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "auc", "ece", "classwise_ece", "nll",
+                "brier")
 BINS = 15  # calibration bins (ECE, class-wise ECE, the reliability diagram)
-# Ordinal tasks (dataset.ordinal: graded severity) also get the quadratic-weighted kappa; `kappa` is Cohen's
-# unweighted kappa for every task (weights would depend on an arbitrary class order for nominal diagnoses).
+# Ordinal tasks (dataset.ordinal: graded severity) also get the quadratic-weighted kappa, `qwk`; `cohen_kappa` is
+# Cohen's unweighted kappa for every task (weights would depend on an arbitrary class order for nominal diagnoses).
 ORDINAL_METRICS = ("qwk",)
 SCALAR_METRICS = tuple(f"{p}{m}" for p in ("", "dcg_", "gain_") for m in HEAD_METRICS + ORDINAL_METRICS)
 
@@ -90,7 +91,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.
             "accuracy": float(accuracy_score(labels, predicted)),
             "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
             "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
-            "kappa": float(cohen_kappa_score(labels, predicted, labels=classes)),
+            "cohen_kappa": float(cohen_kappa_score(labels, predicted, labels=classes)),
             "auc": one_vs_rest_auc(labels, probs),
             "ece": expected_calibration_error(labels, probs),
             "classwise_ece": classwise_calibration_error(labels, probs),
@@ -104,7 +105,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.
         }
         if ordinal:
             out["qwk"] = float(cohen_kappa_score(labels, predicted, labels=classes, weights="quadratic"))
-    for k in ("kappa", "qwk"):  # sklearn gives NaN when both raters use one class; agreement is then perfect or nil
+    for k in ("cohen_kappa", "qwk"):  # sklearn gives NaN when both raters use one class; agreement is then perfect or nil
         if k in out and np.isnan(out[k]):
             out[k] = float(out["accuracy"] == 1.0)
     if dcg_probs is not None:

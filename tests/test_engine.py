@@ -25,7 +25,7 @@ def test_run_writes_metrics_history_checkpoint_and_bundle(tmp_path):
     out = tmp_path / "a"
     metrics = json.loads((out / "metrics.json").read_text())
     for split in ("val", "test"):
-        for key in ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "dcg_accuracy", "ece"):
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "auc", "dcg_accuracy", "ece"):
             assert key in metrics[split]
     assert (out / "history.csv").read_text().count("\n") == 2  # header + one epoch
     assert (out / "checkpoint" / "state.pt").is_file()

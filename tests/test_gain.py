@@ -33,7 +33,7 @@ def test_dcg_and_gain_figures_from_hand_built_predictions():
     assert m["dcg_auc"] == pytest.approx(0.5) and m["gain_auc"] == pytest.approx(0.5)
     for k in HEAD_METRICS:
         assert m[f"gain_{k}"] == pytest.approx(m[k] - m[f"dcg_{k}"])
-    assert "dcg_ece" in m and "dcg_kappa" in m and "dcg_balanced_accuracy" in m
+    assert "dcg_ece" in m and "dcg_cohen_kappa" in m and "dcg_balanced_accuracy" in m
 
 
 @pytest.mark.parametrize("sampler,steps", [("official", None), ("ddpm", None), ("ddim", 5)])

@@ -27,7 +27,7 @@ def test_every_resample_equals_the_metrics_of_that_resample():
     for b in range(5):
         idx = np.repeat(np.arange(len(labels)), w[b].astype(int))
         slow = classification_metrics(labels[idx], probs[idx])
-        for k in ("accuracy", "balanced_accuracy", "macro_f1", "kappa"):
+        for k in ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa"):
             assert fast[k][b] == pytest.approx(slow[k], abs=1e-9), k
         assert auc[b] == pytest.approx(slow["auc"], abs=1e-9)
         assert ece[b] == pytest.approx(slow["ece"], abs=1e-9)
@@ -41,7 +41,7 @@ def test_intervals_cover_the_estimate_and_shrink_with_n():
         labels, probs = _data(n, seed=n)
         point = classification_metrics(labels, probs)
         ci = intervals.bootstrap_intervals(labels, probs, resamples=1000, seed=0)
-        for k in ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "nll", "brier"):
+        for k in ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "auc", "nll", "brier"):
             assert ci[f"{k}_lo"] <= point[k] + 1e-9 and point[k] - 1e-9 <= ci[f"{k}_hi"], k
         for k in ("ece", "classwise_ece"):  # binned |gaps| grow under resampling: ordered, not always covering
             assert 0 <= ci[f"{k}_lo"] <= ci[f"{k}_hi"]
@@ -59,14 +59,14 @@ def test_kappa_is_cohens_and_ordinal_tasks_add_the_quadratic_one():
     predicted = np.array([0, 2, 1, 0, 2, 1, 2, 1])  # the two confusions 0<->2 are far apart in the order
     probs = np.eye(3)[predicted] * 0.8 + 0.2 / 3
     nominal, ordinal = classification_metrics(labels, probs), classification_metrics(labels, probs, ordinal=True)
-    assert "qwk" not in nominal and nominal["kappa"] == ordinal["kappa"]
-    assert ordinal["qwk"] != pytest.approx(ordinal["kappa"], abs=1e-3)
+    assert "qwk" not in nominal and nominal["cohen_kappa"] == ordinal["cohen_kappa"]
+    assert ordinal["qwk"] != pytest.approx(ordinal["cohen_kappa"], abs=1e-3)
     swapped = np.array([1, 0, 2])  # the same diagnoses in another order: Cohen's kappa stays, QWK moves
     again = classification_metrics(swapped[labels], probs[:, np.argsort(swapped)], ordinal=True)
-    assert again["kappa"] == pytest.approx(ordinal["kappa"]) and again["qwk"] != pytest.approx(ordinal["qwk"])
+    assert again["cohen_kappa"] == pytest.approx(ordinal["cohen_kappa"]) and again["qwk"] != pytest.approx(ordinal["qwk"])
     w = intervals.stratified_weights(labels, 3, seed=0)
     fast = intervals._from_confusions(intervals._confusions(w, labels, predicted, 3), ordinal=True)
     for b in range(3):
         idx = np.repeat(np.arange(len(labels)), w[b].astype(int))
         slow = classification_metrics(labels[idx], probs[idx], ordinal=True)
-        assert fast["qwk"][b] == pytest.approx(slow["qwk"]) and fast["kappa"][b] == pytest.approx(slow["kappa"])
+        assert fast["qwk"][b] == pytest.approx(slow["qwk"]) and fast["cohen_kappa"][b] == pytest.approx(slow["cohen_kappa"])

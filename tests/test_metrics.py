@@ -14,7 +14,7 @@ def test_known_values():
     assert m["per_class_recall"] == [0.5, 1.0, 0.5]
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m["dcg_accuracy"] == 1.0
-    assert 0 < m["macro_f1"] < 1 and -1 <= m["kappa"] <= 1 and 0.5 < m["auc"] <= 1
+    assert 0 < m["macro_f1"] < 1 and -1 <= m["cohen_kappa"] <= 1 and 0.5 < m["auc"] <= 1
 
 
 def test_whole_split_not_batch_average():

@@ -25,7 +25,7 @@ from tune.report import build_report, write_report
 from tune.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "auc", "ece", "dcg_accuracy", "mean_entropy")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "auc", "ece", "dcg_accuracy", "mean_entropy")
 SPACE = {"timesteps": ("diffusion.timesteps", "choice", [100, 250, 500, 1000]),
          "schedule": ("diffusion.schedule", "choice", ["linear", "cosine"]),
          "mmd_weight": ("train.mmd_weight", "uniform", [0.0, 1.0]),

@@ -953,6 +953,13 @@ def test_a_search_runs_its_controls_and_shows_the_gain(ray_tmp, tmp_path):
     assert row["model_kind"] == ranked["model_kind"]
     meta = json.loads((out / "best" / "synthetic" / "bundle.json").read_text())
     assert (meta["sampler"]["sampler"] == "dcg") == (row["model_kind"] != "diffmic")
+    # issue 22: a temperature per sampler point; the bundle carries its own point's, and the val figure beside the
+    # test figure is that point's
+    assert pareto.groupby("trial_id")["temperature"].nunique().max() >= 2
+    assert meta["calibration"]["sampler"]["sampler"] == meta["sampler"]["sampler"]
+    assert meta["calibration"]["temperature"] == pytest.approx(ranked["temperature"], rel=1e-6)
+    assert row["val_at_point_macro_f1"] == pytest.approx(ranked["val_macro_f1"])
+    assert row["test_accuracy_lo"] <= row["test_accuracy"] <= row["test_accuracy_hi"]
     page = (out / "report.html").read_text()
     assert "The diffusion gain" in page and "val_gain_macro_f1 (head \\u2212 DCG)" in page  # plotly escapes −
     assert ("did not beat" in page) == (row["model_kind"] != "diffmic")

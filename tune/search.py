@@ -287,7 +287,7 @@ def print_tables(summary, best, record, report: bool) -> None:
         if len(best):
             keep = [c for c in best.columns if not c.startswith(("val_", "test_", "control_")) or c in
                     ("val_macro_f1", "val_accuracy", "val_macro_f1_mean", "val_macro_f1_sd", "test_macro_f1",
-                     "test_accuracy", "test_balanced_accuracy", "test_kappa", "test_auc", "test_dcg_macro_f1",
+                     "test_accuracy", "test_balanced_accuracy", "test_cohen_kappa", "test_auc", "test_dcg_macro_f1",
                      "test_dcg_accuracy", "test_dcg_auc", "test_gain_macro_f1", "control_test_macro_f1",
                      "control_test_accuracy", "control_test_auc", "control_wall_time_s")]
             print(f"\n== best model per dataset (chosen on validation, tested once) ==\n{best[keep].T.to_string(header=False)}")
