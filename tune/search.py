@@ -39,7 +39,8 @@ def plan(cfg: dict, overrides: list[str], own: dict[str, list[str]] | None = Non
         raise SearchError(f"resume=true but there is no experiment {cfg['experiment']!r} under {storage.uri}")
     searches = []
     for name in cfg["datasets"]:
-        keys = set(dotted_keys(to_plain(compose(config_name="search", overrides=[f"dataset={name}"]))))
+        searchpath = [o for o in overrides if o.startswith("hydra.searchpath=")]  # extra config dirs reach it too
+        keys = set(dotted_keys(to_plain(compose(config_name="search", overrides=[*searchpath, f"dataset={name}"]))))
         mine = for_dataset(name, overrides, own or {}, lambda key: key in keys)
         dcfg = to_plain(compose(config_name="search", overrides=[*mine, f"dataset={name}"]))
         root = (cfg["roots"] or {}).get(name)
