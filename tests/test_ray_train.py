@@ -289,9 +289,9 @@ def test_validation_metrics_cover_the_whole_split_across_ranks(monkeypatch):
     # The real model: every example once, in split order, the same labels and (noise-free) DCG outputs.
     seen = []
 
-    def recording(labels, probs, dcg):
+    def recording(labels, probs, dcg, ordinal=False):
         seen.append((labels, probs, dcg))
-        return classification_metrics(labels, probs, dcg)
+        return classification_metrics(labels, probs, dcg, ordinal=ordinal)
     monkeypatch.setattr(engine, "classification_metrics", recording)
     real = build_model(cfg, data.num_classes, cfg["dataset"]["image_size"]).eval()
     (one,) = _evaluate_sharded(real, val, cfg, 1)
