@@ -1039,7 +1039,9 @@ def test_the_exported_weights_are_those_of_the_epoch_the_search_reports(ray_tmp,
     assert exported.keys() == weights.keys()
     assert all(torch_equal(exported[k], weights[k]) for k in exported)
     meta = json.loads((bundle / "bundle.json").read_text())
-    assert meta["metrics"]["val"][metric[4:]] == row[metric] and meta["provenance"]["selected_on"] == metric
+    # the bundle's val_best_epoch is the epoch the search reports; its val, the exported point's (issue 22)
+    assert meta["metrics"]["val_best_epoch"][metric[4:]] == row[metric] and meta["provenance"]["selected_on"] == metric
+    assert meta["metrics"]["val"]["temperature"] == meta["calibration"]["temperature"]
     assert (storage / "best" / "synthetic" / "manifest.json").is_file()  # the first model of a dataset is current
 
 
