@@ -88,14 +88,15 @@ class DiffMIC(nn.Module):
         eps = self.noise_estimate(out, y_t.float(), stacked.float(), times)
         *mmd_branches, fused = eps.chunk(len(branches))
         mmd_branches = mmd_branches or (None, None)
-        y_t_fused = y_t.chunk(len(branches))[-1].float()
-        y0_hat = self.schedule.predict_y0(y_t_fused, priors.fused.float(), fused, t)
         if self.output == "residual":  # the MSE on ŷ0 = ŷ + r, the MMD still on the noise
             y0_hat = priors.fused.float() + out.chunk(len(branches))[-1]
             losses = diffusion_loss(y0, y0_hat, *mmd_branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths,
                                     mmd_target=noise)
         else:
             losses = diffusion_loss(noise, fused, *mmd_branches, mmd_weight=mmd_weight, bandwidths=mmd_bandwidths)
+            if ce_weight:  # ŷ0 of the ε head, only for the CE term
+                y_t_fused = y_t.chunk(len(branches))[-1].float()
+                y0_hat = self.schedule.predict_y0(y_t_fused, priors.fused.float(), fused, t)
         if ce_weight:
             ce = nn.functional.cross_entropy(-(y0_hat - 1) ** 2, labels)
             losses["ce"] = ce.detach()
