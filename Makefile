@@ -27,7 +27,7 @@ test: install
 # (an activated virtualenv); only when there is neither is .venv created first.
 test-fast:
 	@if [ -x $(PY) ]; then py=$(PY); \
-	elif python -c "import diffmic, pathlib, sys; sys.exit(pathlib.Path(diffmic.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" 2>/dev/null; then py=python; \
+	elif python -c "import diffmic, torch, pathlib, sys; sys.exit(pathlib.Path(diffmic.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" 2>/dev/null; then py=python; \
 	else $(MAKE) install && py=$(PY); fi; \
 	$$py -m pytest -q -m "not integration and not slow"
 
