@@ -11,7 +11,19 @@ from diffmic.compat import ensure_torchvision_importable
 from diffmic.errors import DiffmicError
 from diffmic.secrets import redact
 
-CONFIG_DIR = Path(os.environ.get("DIFFMIC_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+
+
+def _config_dir() -> Path:
+    """The defaults: DIFFMIC_CONFIG_DIR if set, else the configs shipped in the installed package (a wheel puts the
+    checkout's configs/ there), else the checkout's configs/ (an editable install or a working copy)."""
+    if os.environ.get("DIFFMIC_CONFIG_DIR"):
+        return Path(os.environ["DIFFMIC_CONFIG_DIR"])
+    here = Path(__file__).resolve().parent
+    shipped = here / "configs"
+    return shipped if (shipped / "config.yaml").is_file() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 @contextmanager

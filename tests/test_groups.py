@@ -93,3 +93,13 @@ def test_aptos_duplicates_go_together(tmp_path):
     sides = _sides(splits)
     assert all(len(s) == 1 for s in sides.values())
     assert "duplicates merged: 16 image(s)" in splits.grouping
+
+
+def test_a_generated_dataset_writes_its_membership_too():
+    """The synthetic set has no files, yet its split is written like any other (each image by stream and index)."""
+    from helpers import TINY, compose
+    cfg = compose(TINY)
+    data = build_splits(cfg["dataset"], seed=0)
+    sides = {r["image"]: r["split"] for r in data.membership if r["split"] != "test"}
+    assert len(sides) == len(data.train) + len(data.val)  # no image on both train and val
+    assert sum(r["split"] == "test" for r in data.membership) == len(data.test)

@@ -222,6 +222,12 @@ def test_two_worker_run_creates_its_bucket_and_lands_in_s3(s3_server, tmp_path):
     assert summary["metrics"]["final"] == 1 and 0 <= summary["metrics"]["test_accuracy"] <= 1
     assert summary["checkpoint"].endswith(final)
     assert "rt/two/checkpoint_manager_snapshot.json" in keys
+    # the split the workers used, one row per image (issue 22: a reader can check it)
+    body = s3_server.client().get_object(Bucket=bucket, Key="rt/two/splits.csv")["Body"].read().decode()
+    rows = [line.split(",") for line in body.splitlines()[1:]]
+    data = _splits()
+    assert sorted(r[2] for r in rows) == sorted(["train"] * len(data.train) + ["val"] * len(data.val)
+                                                 + ["test"] * len(data.test))
 
 
 def _splits():

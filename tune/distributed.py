@@ -32,6 +32,7 @@ from diffmic.session import Session, write_result
 # or from an instance role (cluster/aws.yaml).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE")
 RESULT_FILE = "result.json"
+SPLITS_FILE = "splits.csv"  # image, group, split, carve: the membership the run used (diffmic/data/build.py)
 # Rank 0 stages each checkpoint here before `ray.train.report` persists it. A worker killed from outside (an ASHA stop,
 # a lost node, a preempted trial) never reaches `finish()`, so its directory is swept by the next worker on that node.
 SCRATCH_PREFIX = "diffmic-ckpt-"
@@ -267,9 +268,18 @@ def fit(cfg: dict) -> dict:
     if cfg["resume"] and not exists:
         raise ValueError(f"resume=true: there is no experiment {name!r} under {storage.uri} to resume; without "
                          "resume=true a new run starts")
+    from diffmic.config import split_seed
+    from diffmic.data import build_splits
     from diffmic.weights import check_pretrained
-    check_pretrained(localize(cfg)["model"])  # here, before Ray: every worker must be able to get them too
+    local = localize(cfg)
+    check_pretrained(local["model"])  # here, before Ray: every worker must be able to get them too
+    # The data is read here once, before any cluster work (a bad root is one line now, not a failed worker), and
+    # the split every worker builds from the same seed is written beside the run, as a local run writes it.
+    membership = build_splits(local["dataset"], seed=split_seed(cfg)).membership
     init_ray(cfg)
+    if membership:
+        import pandas as pd
+        storage.write_text(f"{name}/{SPLITS_FILE}", pd.DataFrame(membership).to_csv(index=False))
     result = build_trainer(cfg, storage, name).fit()
     if result.error:
         raise result.error

@@ -62,8 +62,15 @@ def build_splits(cfg: Mapping, seed: int = 0) -> DataSplits:
 
         def make(idx, split_id, tf):
             return SyntheticDataset(idx, n_cls, size, c["seed"], split_id, tf)
-        return DataSplits(make(keep, 0, tf_train), make(val, 0, tf_eval),
-                          make(np.arange(c["num_test"]), 1, tf_eval), names)
+        splits = DataSplits(make(keep, 0, tf_train), make(val, 0, tf_eval),
+                            make(np.arange(c["num_test"]), 1, tf_eval), names)
+        # generated images have no file: each is named by its split stream and index (train and val share one)
+        splits.membership = ([{"image": f"train:{i}", "group": "", "split": "train", "carve": c["val_carve"]}
+                              for i in keep] + [{"image": f"train:{i}", "group": "", "split": "val",
+                                                 "carve": c["val_carve"]} for i in val]
+                             + [{"image": f"test:{i}", "group": "", "split": "test", "carve": c["val_carve"]}
+                                for i in range(c["num_test"])])
+        return splits
 
     src = READERS[c["name"]](c)
     names, where = src.class_names, src.where
