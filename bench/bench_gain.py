@@ -4,7 +4,7 @@
 Each arm is one `python -m diffmic.train` run (its own process, 2 threads, nothing else running) on the same split,
 read back from its metrics.json: the head's test figures, its DCG's (`dcg_*`, same split and rule, its own
 temperature), the gain (head − DCG), and the plain control trained by the same command with the search's control
-overrides (tune/controls.py: the DCG's global backbone + linear head, same epochs and optimiser; read out alone).
+overrides (tune/selection/controls.py: the DCG's global backbone + linear head, same epochs and optimiser; read out alone).
 
 Datasets: BreastMNIST (real ultrasound, ../shared/data/medmnist/breastmnist.npz, the official split; the official
 validation images join train and the project carves its own validation, as the acceptance check does), the built-in
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 NPZ = ROOT.parent / "shared" / "data" / "medmnist" / "breastmnist.npz"
 
-from tune.controls import CONTROL_OVERRIDES  # noqa: E402
+from tune.selection.controls import CONTROL_OVERRIDES  # noqa: E402
 
 # What was measured (bench/RESULTS.md, "The diffusion gain"): the paper's ε head against the residual head (the
 # default since), and the official optional CE term on top of each.

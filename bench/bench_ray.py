@@ -6,7 +6,7 @@ Ray Train's start-up time per run (from `fit()` to the first training step).
 
 Both sides run the same configuration (`preset/synthetic`, 64 px, `dataset.num_train=400`, 3 epochs, one DCG
 pre-training epoch) through the one training loop `diffmic.engine.train`: the bare side with a `LocalSession` in this
-process, the Ray side through `tune.distributed.build_trainer(...).fit()` (the trainer `python -m diffmic.train
+process, the Ray side through `tune.train.distributed.build_trainer(...).fit()` (the trainer `python -m diffmic.train
 scaling.num_workers=1` builds) on a local Ray started once (or the cluster at RAY_ADDRESS), storage in a temporary
 local directory. The two sides alternate (bare, Ray, Ray, bare, …) so that load from other processes hits both alike.
 
@@ -14,7 +14,7 @@ local directory. The two sides alternate (bare, Ray, Ray, bare, …) so that loa
     >= 2 on both sides — epoch 1 carries one-off costs (allocator, oneDNN kernel choice); median over all runs.
     Both sides use the same intra-op thread count (`--threads`; the Ray worker gets `resources_per_worker.CPU` =
     that and sets torch's threads to it, the bare side calls `torch.set_num_threads`).
-(b) start-up: the Ray side's worker loop is `tune.distributed.train_loop_per_worker`'s three lines with a
+(b) start-up: the Ray side's worker loop is `tune.train.distributed.train_loop_per_worker`'s three lines with a
     `RaySession` subclass whose data loader notes the wall-clock time of the first batch it hands to the loop
     (= the first training step) and adds it to every report; start-up = that time − the time just before
     `build_trainer(...).fit()`. It splits into Ray's part (until the worker's loop function begins), the project's
@@ -72,11 +72,11 @@ class FirstBatch:
 
 
 def timed_ray_loop(cfg: dict) -> None:
-    """`tune.distributed.train_loop_per_worker` with a session that reports when the loop began and first stepped."""
+    """`tune.train.distributed.train_loop_per_worker` with a session that reports when the loop began and first stepped."""
     marks = {"loop_start_unix": time.time()}
     from diffmic.engine import train  # the project's imports (timm, torchvision) in a fresh worker process
     from diffmic.remote import localize
-    from tune.distributed import RaySession
+    from tune.train.distributed import RaySession
 
     marks["imported_unix"] = time.time()
 
@@ -134,7 +134,7 @@ def run_bare(cfg: dict, out: Path, threads: int) -> dict:
 
 
 def run_ray(cfg: dict, storage, name: str) -> dict:
-    import tune.distributed as distributed
+    import tune.train.distributed as distributed
 
     distributed.train_loop_per_worker = timed_ray_loop  # build_trainer looks it up at call time
     start = time.time()
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from tune.distributed import init_ray
+    from tune.train.distributed import init_ray
     from tune.storage import open_storage
 
     overrides = [*DEFAULTS, f"dataset.num_train={args.num_train}", f"train.epochs={args.epochs}",

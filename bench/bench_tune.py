@@ -51,10 +51,10 @@ def tune_overhead(trials: int) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from tune.runner import TRIAL_RESOURCES
+    from tune.study.runner import TRIAL_RESOURCES
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune.searcher import DistinctSampler
+    from tune.study.searcher import DistinctSampler
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,8 +86,8 @@ def run_one(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
     from diffmic.cli import CONFIG_DIR, to_plain
-    from tune.runner import run_search
-    from tune.search import plan
+    from tune.study.runner import run_search
+    from tune.study.plan import plan
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = to_plain(compose(config_name="search", overrides=overrides))
@@ -123,7 +123,7 @@ def time_to(events: list[tuple], target: float) -> tuple[float | None, int | Non
 
 
 def search_efficiency(args, storage: Path) -> dict:
-    from tune.distributed import init_ray
+    from tune.train.distributed import init_ray
 
     common = [f"storage.uri={storage}", "datasets=[synthetic]", f"search.num_samples={args.samples}",
               "search.max_concurrent_trials=1", f"train.epochs={args.epochs}", "train.dcg_pretrain_epochs=1",
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from tune.distributed import init_ray
+    from tune.train.distributed import init_ray
 
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
               "cpus": os.cpu_count(), "ray": ray.__version__, "load_before": os.getloadavg()}

@@ -7,7 +7,7 @@ from diffmic.compat import ensure_torchvision_importable
 
 # No hub access here: without this every timm/HF lookup retries for ~40 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The key that signs a search's Ray state (tune/resume.py): without one, the first search would make a key file in the
+# The key that signs a search's Ray state (tune/study/resume.py): without one, the first search would make a key file in the
 # user's home. Tests of the other key sources unset it.
 os.environ.setdefault("DIFFMIC_SIGNING_KEY", "diffmic-tests")
 # Node caches (fetched inputs, prepared images, studies) in a temp dir of this session, never the user's home;

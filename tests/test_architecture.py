@@ -57,3 +57,77 @@ runpy.run_module("diffmic.predict", run_name="__main__")
     run_val = json.loads((tmp_path / "run" / "metrics.json").read_text())["val"]
     assert json.loads((tmp_path / "val.json").read_text())["accuracy"] == run_val["accuracy"]
     assert "a.png" in (tmp_path / "p.csv").read_text()
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every project module -> the project modules it imports, at the top or inside functions alike (an import
+    placed in a function to dodge Python's circle check is still a circle in the design)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    mods = {}
+    for pkg in ("diffmic", "tune"):
+        for f in (root / pkg).rglob("*.py"):
+            name = ".".join(f.relative_to(root).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = f
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {m: set() for m in mods}
+    for m, f in mods.items():
+        pkg = m if f.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for t in targets:
+                r = resolve(t)
+                if r and r != m and not m.startswith(r + "."):
+                    graph[m].add(r)
+    return graph
+
+
+def test_no_import_circle_anywhere():
+    """Issue 23: no module reaches itself through imports, those inside functions included."""
+    graph, circles = _import_graph(), []
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        return seen
+
+    circles = sorted(m for m in graph if m in reach(m))
+    assert not circles, f"modules on an import circle: {circles}"
+
+
+def test_library_modules_leave_sys_path_alone():
+    """Only the old command scripts (tune/<command>.py, run as files) put the checkout on sys.path, and only when run."""
+    root = Path(__file__).resolve().parents[1]
+    for f in [*(root / "diffmic").rglob("*.py"), *(root / "tune").rglob("*.py")]:
+        text = f.read_text()
+        if "sys.path.insert" in text:
+            assert f.parent == root / "tune" and text.index('if __name__ == "__main__":') < text.index("sys.path"), f
+
+
+def test_the_package_list_names_every_package():
+    """pyproject.toml lists the packages (configs/ is mapped in as diffmic.configs): a new sub-package must be added."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for pkg in ("diffmic", "tune")
+             for p in (root / pkg).rglob("__init__.py")}
+    assert found | {"diffmic.configs"} == listed

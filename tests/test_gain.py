@@ -17,8 +17,9 @@ from diffmic.models import build_model
 from diffmic.predict import predict_paths
 from diffmic.session import LocalSession, Session
 from helpers import TINY, compose
-from tune import pareto
-from tune.controls import CONTROL_OVERRIDES, control_columns
+from tune.selection import pareto
+from tune.selection import points as sampler_points
+from tune.selection.controls import CONTROL_OVERRIDES, control_columns
 
 SMALL = TINY + ["deterministic=true", "dataset.num_train=48", "dataset.num_test=16"]
 
@@ -90,13 +91,13 @@ def test_the_dcg_point_has_no_denoiser_call_and_the_dcg_figures(trained):
     data = build_splits(cfg["dataset"], seed=cfg["seed"] if cfg["dataset"]["split_seed"] is None
                         else cfg["dataset"]["split_seed"])
     chain = measure(model, data.val, cfg, Session(amp=False), 0, temps["temperature"])
-    point = {**cfg, "diffusion": {**cfg["diffusion"], **pareto.settings({"sampler": "dcg"}, cfg)}}
+    point = {**cfg, "diffusion": {**cfg["diffusion"], **sampler_points.settings({"sampler": "dcg"}, cfg)}}
     alone = measure(model, data.val, point, Session(amp=False), 0, temps["temperature"])
     assert alone["denoiser_calls_per_image"] == 0 and chain["denoiser_calls_per_image"] > 0
     for k in ("accuracy", "macro_f1", "auc", "ece"):
         assert alone[k] == pytest.approx(chain[f"dcg_{k}"]) and alone[f"gain_{k}"] == pytest.approx(0.0)
-    assert pareto.with_controls([{"sampler": "official"}], ["dcg"])[-1] == {"sampler": "dcg"}
-    assert pareto.with_controls([], ["dcg"]) == []  # search.pareto=[]: nothing is measured
+    assert sampler_points.with_controls([{"sampler": "official"}], ["dcg"])[-1] == {"sampler": "dcg"}
+    assert sampler_points.with_controls([], ["dcg"]) == []  # search.pareto=[]: nothing is measured
 
 
 def test_the_control_trains_on_the_searchs_very_splits():
@@ -149,7 +150,7 @@ def test_the_choice_includes_the_control_and_names_its_kind():
     assert pareto.choose(points, "d", "val_macro_f1", "max", None)["model_kind"] == "control"
     assert pareto.choose(points, "d", "val_macro_f1", "max", None, trial_id="t1")["model_kind"] == "control"
     assert pareto.choose(points.iloc[:2], "d", "val_macro_f1", "max", None)["model_kind"] == "dcg"
-    assert pareto.sampling_of(pd.Series({"sampler": "dcg", "sample_steps": np.nan, "num_samples": 1})) == \
+    assert sampler_points.sampling_of(pd.Series({"sampler": "dcg", "sample_steps": np.nan, "num_samples": 1})) == \
         {"sampler": "dcg", "sample_steps": None, "num_samples": 1}
 
 

@@ -1,18 +1,15 @@
-"""tune/live.py as pure code: the live report fed by fake Tune trials (no Ray cluster). The same on a real search,
+"""tune/pages/live.py as pure code: the live report fed by fake Tune trials (no Ray cluster). The same on a real search,
 in a browser: tests/test_dashboards.py."""
 from __future__ import annotations
 
-import re
 import time
 from types import SimpleNamespace
 
-import pytest
 
 from helpers import compose
-from tune.live import LIVE, LiveReport, Progress, describe_progress
-from tune.record import Record
-from tune.runner import DatasetSearch
-from tune.space import Param
+from tune.pages.live import LIVE, LiveReport, Progress, describe_progress
+from tune.study.dataset import DatasetSearch
+from tune.study.space import Param
 from tune.storage import open_storage
 
 PARAMS = [Param("roi_count", "model.dcg.roi_count", "choice", (1, 2))]
@@ -62,7 +59,7 @@ def test_progress_counts_best_and_eta_then_the_page_says_running(tmp_path):
         res = live.results()
         assert sorted(res.summary["status"]) == ["RUNNING", "STOPPED_EARLY"]
         assert len(res.history) == 3 and set(res.history["trial_id"]) == {"t0", "t1"}
-        from tune.render import render
+        from tune.pages.page import render
         page = render(res)
         assert 'id=live-status' in page and "running: 1 of 4 trials finished" in page
         assert "<meta http-equiv=refresh content=60>" in page

@@ -173,7 +173,7 @@ def test_checkpoint_staging_of_dead_workers_is_swept(tmp_path, monkeypatch):
     """A killed worker's staging directory goes; a live worker's stays."""
     import tempfile
 
-    from tune.distributed import SCRATCH_PREFIX, sweep_orphaned_scratch
+    from tune.train.distributed import SCRATCH_PREFIX, sweep_orphaned_scratch
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

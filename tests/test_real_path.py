@@ -29,7 +29,7 @@ from diffmic.predict import main as predict_main
 from diffmic.weights import WeightsError, check_pretrained
 from helpers import compose
 from test_search import ROOT, _csv, _ok, _search, ray_tmp  # noqa: F401 (ray_tmp is a fixture)
-from tune.space import SearchError, check_against_config, parse_space
+from tune.study.space import SearchError, check_against_config, parse_space
 
 PRESETS = ["synthetic", "isic2018", "aptos2019", "pkl", "isic2018_pkl", "aptos2019_pkl", "folder", "csv"]
 
@@ -144,7 +144,7 @@ def test_no_hub_and_no_weights_file_stops_before_training_with_one_line(tmp_path
 def test_weights_fetch_writes_a_file_the_dcg_loads(tmp_path, monkeypatch):
     """`python -m tune.weights fetch` with the hub stood in for by a local timm model (no hub here)."""
     import diffmic.weights
-    from tune.weights import fetch
+    from tune.cli.weights import fetch
 
     reference = timm.create_model("resnet10t", num_classes=0)
     monkeypatch.setattr(diffmic.weights, "hub_model", lambda name, stream="dcg", **kw: reference)

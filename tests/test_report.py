@@ -20,9 +20,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tune.record import FORMAT, Record, RecordError, best_row
-from tune.report import build_report, write_report
+from tune.record.experiment.experiment import FORMAT, Record, RecordError
+from tune.record.experiment.experiment import best_row
+from tune.pages.serve import build_report, write_report
 from tune.storage import open_storage
+from tune.record.experiment.results import Results
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "auc", "ece", "dcg_accuracy", "mean_entropy")
@@ -245,7 +247,7 @@ def test_record_round_trip_and_format(tmp_path):
     best.json (so they agree), a format the reader checks, and format-0 records still readable."""
     make_experiment(tmp_path, "e6", datasets=("synthetic", "isic"))
     record = Record.at(str(tmp_path / "e6"))
-    res = record.load()
+    res = Results.read(record)
     meta = json.loads((tmp_path / "e6" / "search.json").read_text())
     assert meta["format"] == FORMAT and list(meta["datasets"]) == ["synthetic", "isic"] == res.datasets
     assert res.metric("isic") == "val_macro_f1" and not res.minimize("isic") and len(res.params("isic")) == len(SPACE)
@@ -254,11 +256,11 @@ def test_record_round_trip_and_format(tmp_path):
     assert best_table["trial_id"].tolist() == [res.ranked(d).iloc[0]["trial_id"] for d in res.datasets]
     old = {"experiment": "e6", "datasets": ["synthetic", "isic"], **meta["datasets"]["isic"], "mode": "min"}
     (tmp_path / "e6" / "search.json").write_text(json.dumps(old))  # format 0: one description for every dataset
-    res = record.load()
+    res = Results.read(record)
     assert res.datasets == ["synthetic", "isic"] and res.minimize("synthetic") and res.minimize("isic")
     (tmp_path / "e6" / "search.json").write_text(json.dumps({**meta, "format": FORMAT + 1}))
     with pytest.raises(RecordError, match=f"format {FORMAT + 1}"):
-        record.load()
+        Results.read(record)
 
 
 def test_sample_steps_not_searched_says_so(tmp_path):
@@ -376,7 +378,7 @@ def chromium() -> tuple[str, str]:
 def the_page(tmp_path: Path) -> tuple[str, int, str]:
     """(page, trial count, metric): a real search's (REPORT_EXPERIMENT_URI) or a generated one."""
     if os.environ.get("REPORT_EXPERIMENT_URI"):
-        res = Record.at(os.environ["REPORT_EXPERIMENT_URI"]).load()
+        res = Results.read(Record.at(os.environ["REPORT_EXPERIMENT_URI"]))
         return build_report(res.record), len(res.summary), res.metric(res.datasets[0])
     n = make_experiment(tmp_path / "root", "exp1")
     return build_report(Record.at(str(tmp_path / "root" / "exp1"))), n, "val_macro_f1"

@@ -1,4 +1,4 @@
-"""What a new head resumes from (tune/resume.py): the signatures of Ray's state files, checked before Ray unpickles
+"""What a new head resumes from (tune/study/resume.py): the signatures of Ray's state files, checked before Ray unpickles
 them, and ASHA's rungs. Real files in a local storage root and Ray's own ASHA; the search end to end is in
 test_search.py (a tampered tuner.pkl, a killed search resumed on an empty cache)."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tune.resume import KEY_ENV, ResumableASHA, SearchState, signing_key, verify_ray_state
-from tune.space import SearchError
+from tune.study.resume import KEY_ENV, ResumableASHA, SearchState, signing_key, verify_ray_state
+from tune.study.space import SearchError
 from tune.storage import open_storage
 
 EXP, STATE = "e/synthetic", "e/state/synthetic.json"

@@ -1,6 +1,6 @@
 """The hyperparameter search (`tune/search.py`): search-space parsing, bad input, and real searches end to end.
 
-Fast (no Ray): `tune.space` parsing and its one-line errors; `tune/search.py` with bad input, run as a subprocess: exit
+Fast (no Ray): `tune.study.space` parsing and its one-line errors; `tune/search.py` with bad input, run as a subprocess: exit
 code 2 and one `search: error:` line, before any Ray process starts (each run gets a private RAY_TMPDIR, checked empty).
 
 Integration (real Ray, real S3 server from conftest.py), every trial tiny (32 px synthetic, timm `test_resnet`
@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY, compose
+from tune.record.experiment.results import Results
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -213,7 +214,7 @@ def search_cfg() -> dict:
 
 
 def test_default_space_parses_into_config_keys(search_cfg):
-    from tune.space import check_against_config, parse_space
+    from tune.study.space import check_against_config, parse_space
 
     params = parse_space(search_cfg["search"]["space"], search_cfg)
     assert [p.key for p in params] == SEARCHED_KEYS
@@ -224,7 +225,7 @@ def test_default_space_parses_into_config_keys(search_cfg):
 
 def test_extended_space_and_sampling_domains(search_cfg):
     from diffmic.config import with_values
-    from tune.space import check_against_config, get_key, parse_space, tune_space
+    from tune.study.space import check_against_config, get_key, parse_space, tune_space
 
     cfg = compose(["search=extended"], config_name="search")
     params = parse_space(cfg["search"]["space"], cfg)
@@ -245,7 +246,7 @@ def test_extended_space_and_sampling_domains(search_cfg):
 def test_searched_sample_steps_with_the_official_sampler_are_refused():
     """The official sampler's sample_steps sets where its chain starts (from N(0, I) whatever the true noise level),
     not how many steps it takes: searching it there would compare mismatched chains, not step counts."""
-    from tune.space import SearchError, check_against_config, parse_space
+    from tune.study.space import SearchError, check_against_config, parse_space
 
     cfg = compose(["search=extended", "~search.space.sampler"], config_name="search")
     for sampler, message in (("official", "where it sets the chain's start"), ("ddpm", "always runs all")):
@@ -272,7 +273,7 @@ def test_searched_sample_steps_with_the_official_sampler_are_refused():
     ({"x": {"key": "diffusion.timesteps.deeper", "choice": [1]}}, "not a key of the training config"),
 ])
 def test_bad_space_is_one_line(search_cfg, space, expected):
-    from tune.space import SearchError, parse_space
+    from tune.study.space import SearchError, parse_space
 
     with pytest.raises(SearchError) as e:
         parse_space(space, search_cfg)
@@ -289,7 +290,7 @@ def test_bad_space_is_one_line(search_cfg, space, expected):
     ({"k": {"key": "model.dcg.roi_count", "choice": [4, 32]}}, "model.dcg.roi_count=32"),  # > the CAM's positions
 ])
 def test_space_values_giving_an_invalid_config(search_cfg, space, expected):
-    from tune.space import SearchError, check_against_config, parse_space
+    from tune.study.space import SearchError, check_against_config, parse_space
 
     params = parse_space(space, search_cfg)
     with pytest.raises(SearchError) as e:
@@ -299,7 +300,7 @@ def test_space_values_giving_an_invalid_config(search_cfg, space, expected):
 
 
 def test_valid_combinations_pass(search_cfg):
-    from tune.space import check_against_config, parse_space
+    from tune.study.space import check_against_config, parse_space
 
     space = {"t": {"key": "diffusion.timesteps", "choice": [100, 1000]},
              "d": {"key": "diffusion.sampler", "choice": ["ddim"]},
@@ -315,7 +316,7 @@ def _proposals(distinct: bool, n: int):
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune.searcher import DistinctSampler
+    from tune.study.searcher import DistinctSampler
 
     space = {"a": tune.choice([1, 2]), "b": tune.choice(["x", "y", "z"])}
     sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=2)
@@ -352,7 +353,7 @@ def test_a_result_for_a_trial_the_study_already_finished_is_not_fatal(tmp_path):
     from ray import tune
     from optuna.trial import TrialState
 
-    from tune.searcher import ResumableOptunaSearch
+    from tune.study.searcher import ResumableOptunaSearch
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     searcher = ResumableOptunaSearch(space={"a": tune.choice([1, 2])}, metric="m", mode="max",
@@ -380,7 +381,7 @@ def test_a_trial_stopped_early_is_pruned_in_the_study_with_its_curve():
     from optuna.trial import TrialState
     from ray import tune
 
-    from tune.searcher import ResumableOptunaSearch
+    from tune.study.searcher import ResumableOptunaSearch
 
     storage = optuna.storages.InMemoryStorage()
     searcher = ResumableOptunaSearch(space={"a": tune.choice([1, 2, 3])}, metric="m", mode="max", storage=storage,
@@ -406,8 +407,8 @@ def test_a_restored_searcher_uses_this_nodes_copy_of_the_study(tmp_path, monkeyp
     from ray import tune
     from optuna.trial import TrialState
 
-    from tune.resume import study_path
-    from tune.searcher import ResumableOptunaSearch
+    from tune.study.resume import study_path
+    from tune.study.searcher import ResumableOptunaSearch
 
     def searcher():
         return ResumableOptunaSearch(space={"a": tune.choice([1, 2])}, metric="m", mode="max", study_name="s",
@@ -440,9 +441,10 @@ def test_the_study_copy_holds_every_trial_the_saved_searcher_names(search_cfg, t
     head resuming from the copy fails with "Record does not exist" (seen in CI)."""
     from contextlib import closing
 
-    from tune.resume import SearchState
-    from tune.runner import DatasetSearch, optuna_searcher
-    from tune.space import parse_space, tune_space
+    from tune.study.resume import SearchState
+    from tune.study.dataset import DatasetSearch
+    from tune.study.runner import optuna_searcher
+    from tune.study.space import parse_space, tune_space
     from tune.storage import open_storage
 
     monkeypatch.setenv("DIFFMIC_CACHE", str(tmp_path / "cache"))
@@ -799,7 +801,7 @@ class _Payload:
 @pytest.mark.slow
 def test_resuming_refuses_ray_state_the_search_did_not_write(ray_tmp, tmp_path):
     """Resuming hands Ray's state files to Tuner.restore, which unpickles them: a replaced tuner.pkl is refused with
-    one line before Ray starts, and its payload never runs (before tune/resume.py it ran on the driver)."""
+    one line before Ray starts, and its payload never runs (before tune/study/resume.py it ran on the driver)."""
     storage, marker = tmp_path / "results", tmp_path / "pwned"
     args = ["experiment=sig", "search.num_samples=1", f"storage.uri={storage}", "export=false", *tiny()]
     _ok(_search(args, ray_tmp, "first.log"))
@@ -1017,13 +1019,13 @@ def test_the_exported_weights_are_those_of_the_epoch_the_search_reports(ray_tmp,
     from safetensors.torch import load_file
 
     from diffmic.checkpoint import evaluation_weights, load_state
-    from tune.record import Record
+    from tune.record.experiment.experiment import Record
 
     storage = tmp_path / "results"
     _ok(_search(["experiment=sel", f"storage.uri={storage}", "report=false", "export=true",
                  *tiny("search.num_samples=1", "search.scheduler=none", "train.epochs=3", f"search.metric={metric}",
                        f"search.mode={mode}")], ray_tmp, "sel.log"))
-    res = Record.at(str(storage / "sel")).load()
+    res = Results.read(Record.at(str(storage / "sel")))
     assert res.metric("synthetic") == metric and res.minimize("synthetic") == (mode == "min")
     row = res.summary.iloc[0]
     history = res.history[res.history["trial_id"] == row["trial_id"]].set_index("epoch")
@@ -1055,9 +1057,9 @@ def test_a_re_reported_last_epoch_is_one_history_row_with_its_checkpoint(search_
     import pandas as pd
     from types import SimpleNamespace
 
-    from tune.results import trial_frames
-    from tune.runner import DatasetSearch
-    from tune.space import parse_space
+    from tune.selection.trials import trial_frames
+    from tune.study.dataset import DatasetSearch
+    from tune.study.space import parse_space
 
     cfg = {**search_cfg, "train": {**search_cfg["train"], "epochs": 2}}
     params = parse_space(cfg["search"]["space"], cfg)

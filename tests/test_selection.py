@@ -8,9 +8,10 @@ import math
 import pandas as pd
 import pytest
 
-from tune.finalists import SEED_STRIDE, plan_runs, top_configs
-from tune.pareto import COST, ParetoError, check_grid, choose, mark_front, settings
-from tune.pool import POOLS, PooledLimiter, TrialPool
+from tune.selection.finalists import SEED_STRIDE, plan_runs, top_configs
+from tune.selection.points import COST, ParetoError, check_grid, settings
+from tune.selection.pareto import choose, mark_front
+from tune.study.pool import POOLS, PooledLimiter, TrialPool
 
 
 # ------------------------------------------------------------------------------------------------ the trial pool
@@ -171,7 +172,7 @@ def test_an_experiment_of_the_earlier_trainable_name_resumes_only_alone():
     trainable's name, and two experiments under one name in one driver would mix their configs."""
     from types import SimpleNamespace
 
-    from tune.runner import LEGACY_NAME, legacy_name, trial_function
+    from tune.study.runner import LEGACY_NAME, legacy_name, trial_function
 
     assert trial_function("isic2018").__name__ == "run_trial_isic2018"
     search = SimpleNamespace(dataset="a", record=SimpleNamespace(uri="mem://exp"))
@@ -190,8 +191,8 @@ def test_a_bad_repeat_mode_is_one_line_naming_it():
     import yaml
 
     from diffmic.cli import CONFIG_DIR
-    from tune.checks import check_knobs
-    from tune.space import SearchError
+    from tune.study.checks import check_knobs
+    from tune.study.space import SearchError
 
     knobs = yaml.safe_load((CONFIG_DIR / "search" / "default.yaml").read_text())
     check_knobs(knobs)  # the defaults pass
@@ -203,8 +204,8 @@ def test_a_finalist_export_is_repeat_0_whatever_the_repeats_scores(monkeypatch):
     """Issue 22: the selected configuration's repeat fixed in advance is exported, not its luckiest repeat."""
     import pandas as pd
 
-    import tune.distributed
-    from tune import finalists
+    import tune.train.distributed
+    from tune.selection import finalists
 
     scores = {"finalist-r0": 0.5, "finalist-r1": 0.9, "finalist-r2": 0.7}
 
@@ -213,7 +214,7 @@ def test_a_finalist_export_is_repeat_0_whatever_the_repeats_scores(monkeypatch):
             self.error, self.checkpoint = None, type("C", (), {"path": f"/x/{name}"})()
             self.best_checkpoints = [(None, {"val_macro_f1": scores[name], "epoch": 1})]
 
-    monkeypatch.setattr(tune.distributed, "build_trainer",
+    monkeypatch.setattr(tune.train.distributed, "build_trainer",
                         lambda cfg, storage, name: type("T", (), {"fit": lambda self: Result(name)})())
     monkeypatch.setattr(finalists, "plan_runs", lambda configs, repeats, seed, mode="seeds": [
         {"config": 0, "params": {}, "repeat": r, "seed": r, "val_carve": 0, "name": f"finalist-r{r}"}

@@ -1,4 +1,4 @@
-"""Experiment tracking (tune/tracking.py), driven as Tune drives it: callbacks with trials and per-epoch results."""
+"""Experiment tracking (tune/pages/tracking.py), driven as Tune drives it: callbacks with trials and per-epoch results."""
 from __future__ import annotations
 
 import os
@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 
 from helpers import compose
-from tune import tracking
-from tune.checks import check_tracking
-from tune.record import Record
-from tune.space import Param, SearchError
+from tune.pages import tracking
+from tune.study.checks import check_tracking
+from tune.record.experiment.experiment import Record
+from tune.study.space import Param, SearchError
 from tune.storage import LocalStorage, open_storage
 
 SECRET = "marker-secret-AKIA-do-not-log"

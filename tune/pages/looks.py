@@ -1,7 +1,7 @@
 """The report's "where it looks" panel: for each dataset's best model, a few test images per class (right and wrong),
 each the DCG's class-activation map over the image, the K crops it took for the local prior as boxes, the predicted
 and true class, and the spread of the prediction over the S sampled chains (diffmic/explain.py made them, as the
-model's own forward pass had them; tune/record.py keeps them under explain/<dataset>/).
+model's own forward pass had them; tune/record/experiment.py keeps them under explain/<dataset>/).
 
 The boxes are SVG rectangles over the heat-map image in the image's own pixel coordinates (viewBox), so they sit where
 the crops were at any display size. Every value comes from storage: numbers are cast and clamped, names escaped.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 import math
 
-from tune.record import Results
-from tune.render_parts import esc, note
+from tune.record.experiment.results import Results
+from tune.pages.parts import esc, note
 
 DISPLAY = 224  # px on the page for the longer side of an image
 BAR_W, BAR_H = 150, 12  # the spread chart: one bar per class, a tick per sampled chain

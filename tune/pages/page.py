@@ -16,10 +16,10 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from diffmic.secrets import redact
-from tune.record import Results
-from tune import render_looks
-from tune.render_parts import TOP_K, by_status, esc, fmt, hms, is_numeric, note, plot, with_interval
-from tune.render_selection import SELECTION_SECTIONS
+from tune.record.experiment.results import Results
+from tune.pages import looks
+from tune.pages.parts import TOP_K, by_status, esc, fmt, hms, is_numeric, note, plot, with_interval
+from tune.pages.selection import SELECTION_SECTIONS
 
 
 # ---------------------------------------------------------------- sections
@@ -58,10 +58,10 @@ def header(res: Results) -> str:
 
 
 def live_status(res: Results) -> str:
-    """A running search (tune/live.py): where each dataset stands, and where its study opens live."""
+    """A running search (tune/pages/live.py): where each dataset stands, and where its study opens live."""
     if not res.live:
         return ""
-    from tune.live import describe_progress
+    from tune.pages.parts import describe_progress
 
     items = "".join(f"<li><b>{esc(d)}</b>: {esc(describe_progress(p))}</li>" for d, p in res.live.items())
     studies = "".join(f"<li><code>optuna-dashboard {esc(p['study'])}</code></li>" for p in res.live.values())
@@ -346,11 +346,11 @@ def dataset_section(res: Results, dataset: str) -> str:
 def render(res: Results) -> str:
     """The page: plotly.js inline once, then each section; AWS secrets of this environment redacted."""
     body = (header(res) + "".join(dataset_section(res, d) for d in res.datasets)
-            + render_looks.where_it_looks_section(res) + trial_table(res))
+            + looks.where_it_looks_section(res) + trial_table(res))
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>DiffMIC search {esc(res.experiment)}"
             f"</title><meta name=viewport content='width=device-width,initial-scale=1'>"
             # a running search's page reloads itself now and then wherever it is opened (file, S3 console, --serve)
-            f"{'<meta http-equiv=refresh content=60>' if res.live else ''}<style>{CSS}{render_looks.CSS}</style>"
+            f"{'<meta http-equiv=refresh content=60>' if res.live else ''}<style>{CSS}{looks.CSS}</style>"
             f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>{body}<footer class=note>'
             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by tune/report.py.</footer>"
             f"<script>{SORT_JS}</script></body></html>")

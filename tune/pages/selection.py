@@ -6,9 +6,9 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from diffmic.metrics import HEAD_METRICS
-from tune.pareto import COST
-from tune.record import Results
-from tune.render_parts import TOP_K, esc, fmt, note, plot
+from tune.selection.points import COST
+from tune.record.experiment.results import Results
+from tune.pages.parts import TOP_K, esc, fmt, note, plot
 
 
 def pareto_section(res: Results, dataset: str) -> str:
@@ -64,7 +64,7 @@ def gain_section(res: Results, dataset: str) -> str:
     b = res.best.get(dataset) or {}
     test, control, kind = b.get("test") or {}, b.get("control") or {}, b.get("model_kind", "diffmic")
     parts = [title]
-    if b.get("verdict"):  # the search's own sentence when a control won (tune/controls.py)
+    if b.get("verdict"):  # the search's own sentence when a control won (tune/selection/controls.py)
         parts.append(f"<p class=warn><b>{esc(b['verdict'])}.</b></p>")
     if test:
         head = "head (exported point)" if kind == "diffmic" else f"exported {kind}"

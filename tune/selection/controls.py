@@ -2,7 +2,7 @@
 place: a search that cannot beat them says so and exports the control instead.
 
 - `dcg`: each trial's own guidance network read out alone (`diffusion.sampler=dcg`, no denoiser call), a point of
-  pareto.csv beside the trial's chains (tune/pareto.py adds it to the grid).
+  pareto.csv beside the trial's chains (tune/selection/pareto.py adds it to the grid).
 - `control`: a plain classifier, the DCG's global backbone with a linear head (its 1x1-convolution classifier over
   the average-pooled map, the global stream alone: `fusion_weight=1`, `top_t=1`), trained with the DCG's optimiser
   on the same splits, augmentation, image size and epochs as a trial (`train.denoiser=false`: the diffusion epochs
@@ -24,7 +24,7 @@ CONTROL_RUN = "control"  # its Ray Train run's name, under the dataset's finalis
 
 
 def check_controls(value) -> None:
-    from tune.space import SearchError
+    from tune.study.space import SearchError
 
     if not isinstance(value, list) or any(c not in CONTROLS for c in value):
         raise SearchError(f"search.controls={value!r}: expected a list of {', '.join(CONTROLS)} ([] runs none)")
@@ -36,7 +36,7 @@ def run_control(search) -> pd.Series | None:
     from diffmic.config import split_seed, with_values
     from diffmic.metrics import SCALAR_METRICS
     from diffmic.secrets import redact_config
-    from tune.distributed import build_trainer
+    from tune.train.distributed import build_trainer
     from tune.storage import open_storage
 
     metric, mode = search.cfg["search"]["metric"], search.cfg["search"]["mode"]

@@ -1,11 +1,11 @@
 """Everything a search checks before any Ray, S3 or training work, each problem one line naming the value: the
 search as a whole (datasets, roots, names), each dataset's `search` knobs, the override keys against the datasets
-they reach (tune/overrides.py)."""
+they reach (tune/study/overrides.py)."""
 from __future__ import annotations
 
 from diffmic.cli import CONFIG_DIR, check_overrides
 from diffmic.secrets import redact_url
-from tune.space import SearchError
+from tune.study.space import SearchError
 
 SAMPLERS, SCHEDULERS, MODES = ("tpe", "random", "cmaes", "qmc"), ("asha", "none"), ("max", "min")
 
@@ -44,8 +44,8 @@ def check_search(cfg: dict, known: list[str] | None = None) -> None:
 def check_knobs(s: dict) -> None:
     """One dataset's `search` section."""
     from diffmic.metrics import SCALAR_METRICS
-    from tune.controls import check_controls
-    from tune.finalists import REPEAT_MODES
+    from tune.selection.controls import check_controls
+    from tune.selection.finalists import REPEAT_MODES
 
     def need(key: str, ok: bool, expected: str) -> None:
         if not ok:
@@ -105,12 +105,12 @@ def known_datasets(overrides: list[str]) -> list[str] | None:
 
 
 def check_search_overrides(args: list[str]) -> None:
-    """Every override checked against the config of each dataset it can reach (tune/overrides.py)."""
+    """Every override checked against the config of each dataset it can reach (tune/study/overrides.py)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from tune import overrides
+    from tune.study import overrides
 
     def composes(extra: list[str]) -> bool:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="search"):
@@ -127,7 +127,7 @@ def check_search_overrides(args: list[str]) -> None:
 
 
 def check_tracking(cfg: dict) -> None:
-    """Up-front: one line naming what tracking (tune/tracking.py) needs and lacks."""
+    """Up-front: one line naming what tracking (tune/pages/tracking.py) needs and lacks."""
     t = cfg["tracking"]
     if not isinstance(t["tensorboard"], bool):
         raise SearchError(f"tracking.tensorboard={t['tensorboard']!r}: expected true or false")

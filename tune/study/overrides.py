@@ -58,7 +58,7 @@ def check(args: list[str], check_overrides, compose_ok, default_datasets: list[s
     """One line, before any work, for a key no searched dataset has or a per-dataset override of another dataset.
     `check_overrides(overrides)` prints the one line (and exits) for overrides that do not compose;
     `compose_ok(dataset, overrides)` says whether they compose for that dataset."""
-    from tune.space import SearchError
+    from tune.study.space import SearchError
 
     common, own = split_per_dataset(args)
     names = named_datasets(common) or default_datasets

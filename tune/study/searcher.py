@@ -24,7 +24,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from tune.resume import study_path
+from tune.study.resume import study_path
 
 logger = logging.getLogger(__name__)
 _DRAWS = 200  # random neighbours and points tried before accepting a repeat (the space may be exhausted)
@@ -35,10 +35,10 @@ class ResumableOptunaSearch(OptunaSearch):
     that had ended as still running, and that trial reports its last epoch again. Optuna refuses to update a finished
     trial; the study keeps the result it holds and the search goes on."""
 
-    staging_dir: str | None = None  # where Tune last saved its state on this driver (tune/resume.py signs it there)
+    staging_dir: str | None = None  # where Tune last saved its state on this driver (tune/study/resume.py signs it there)
 
     def __init__(self, *args, local_study: str | None = None, epochs: int | None = None, **kwargs) -> None:
-        self.local_study = local_study  # the SQLite study under this node's cache (tune/resume.py:study_path)
+        self.local_study = local_study  # the SQLite study under this node's cache (tune/study/resume.py:study_path)
         self.epochs = epochs  # a trial's full budget: one that ends before it was stopped early
         super().__init__(*args, **kwargs)
 

@@ -43,7 +43,7 @@ _LOCK = threading.Lock()  # the datasets' searches run in threads of one driver
 
 
 def callbacks(search) -> list[tune.Callback]:
-    """The Tune callbacks that track a dataset's search (search: tune.runner.DatasetSearch)."""
+    """The Tune callbacks that track a dataset's search (search: tune.study.runner.DatasetSearch)."""
     t = search.cfg["tracking"]
     return ([TensorBoardTracker(search)] if t["tensorboard"] else []) + \
         ([MlflowTracker(search)] if t["name"] == "mlflow" else [])

@@ -2,8 +2,6 @@
 sampled by Optuna (TPE by default) and stopped early by ASHA on the per-epoch validation metric."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 
 import ray
 from ray import tune
@@ -11,47 +9,18 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from diffmic.config import with_values
 from diffmic.secrets import redact_config
-from tune.distributed import build_trainer, sweep_orphaned_scratch
-from tune import tracking
-from tune.live import Progress
-from tune.record import Record
-from tune.resume import ResumableASHA, SearchState, study_path, verify_ray_state
-from tune.space import Param, tune_space
-from tune.storage import Storage, open_storage
+from tune.train.distributed import build_trainer, sweep_orphaned_scratch
+from tune.pages import tracking
+from tune.pages.live import Progress
+from tune.study.resume import ResumableASHA, SearchState, verify_ray_state
+from tune.study.space import tune_space
+from tune.storage import open_storage
+from tune.study.dataset import DatasetSearch
 
 
 # What a trial itself holds: it only waits on its Ray Train run. No CPU (even 0.01 CPU per trial would leave room for
 # one trial fewer: 2 trials of a 1-CPU worker need 2.02 CPUs); an empty request is refused, so one byte of memory.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
-
-
-@dataclass
-class DatasetSearch:
-    dataset: str
-    cfg: dict              # the composed config for this dataset (training keys + `search`)
-    params: list[Param]
-    storage: Storage       # the storage root
-    experiment: str
-
-    @property
-    def record(self) -> Record:
-        return Record(self.storage, self.experiment)
-
-    @property
-    def rel(self) -> str:  # the Tune experiment, relative to the storage root
-        return self.record.key(self.dataset)
-
-    @property
-    def checkpoints_rel(self) -> str:  # where each trial's Ray Train run keeps its checkpoints
-        return self.record.key(self.dataset, "checkpoints")
-
-    @property
-    def study_rel(self) -> str:  # the study's SQLite file under this node's cache (tune/resume.py:study_path)
-        return f"{self.storage.uri.replace('://', '_').replace('/', '_')}/{self.experiment}/{self.dataset}.db"
-
-    def optuna_db(self) -> Path:
-        """The study's SQLite file, local to the driver (copied into the record as the search goes)."""
-        return study_path(self.study_rel)
 
 
 def run_trial(params: dict, base_cfg: dict, checkpoints_uri: str) -> None:
@@ -84,7 +53,7 @@ def trial_function(dataset: str, name: str | None = None):
 def legacy_name(search: DatasetSearch) -> str:
     """An experiment started by an earlier version names its trainable LEGACY_NAME, and Tune restores it only under
     that name; that is safe while no other dataset's search runs in this driver."""
-    from tune.pool import POOLS
+    from tune.study.pool import POOLS
 
     pool = POOLS.get(search.record.uri)
     others = [m for m in (pool.members() if pool else []) if m != search.dataset]
@@ -111,8 +80,8 @@ def local_study(search: DatasetSearch) -> None:
 def optuna_searcher(search: DatasetSearch):
     import optuna
 
-    from tune.pool import PooledLimiter
-    from tune.searcher import DistinctSampler, ResumableOptunaSearch
+    from tune.study.pool import PooledLimiter
+    from tune.study.searcher import DistinctSampler, ResumableOptunaSearch
 
     s = search.cfg["search"]
     samplers = {
@@ -129,7 +98,7 @@ def optuna_searcher(search: DatasetSearch):
                                      storage=storage, study_name=f"{search.experiment}-{search.dataset}",
                                      local_study=None if s["optuna_storage"] else search.study_rel,
                                      epochs=search.cfg["train"]["epochs"])
-    # The search's pool (tune/pool.py) shares search.max_concurrent_trials among the datasets searched at once.
+    # The search's pool (tune/study/pool.py) shares search.max_concurrent_trials among the datasets searched at once.
     return PooledLimiter(searcher, max_concurrent=max_concurrent(search.cfg), pool=search.record.uri,
                          member=search.dataset)
 

@@ -24,7 +24,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from diffmic.remote import cache_dir
-from tune.space import SearchError
+from tune.study.space import SearchError
 from tune.storage import Storage
 
 KEY_ENV = "DIFFMIC_SIGNING_KEY"
@@ -124,7 +124,7 @@ class ResumableASHA(ASHAScheduler):
 
 
 class SearchState(tune.Callback):
-    """Keeps the search's state in the record (tune/record.py: `study_key`, `state_key`). Tune calls `get_state`
+    """Keeps the search's state in the record (tune/record/experiment.py: `study_key`, `state_key`). Tune calls `get_state`
     right after writing its controller and searcher state to the driver's staging directory and before uploading it:
     what is copied and signed here is what the upload holds. It keeps only paths and references (Ray pickles it into
     `tuner.pkl` with the scheduler and searcher it refers to)."""

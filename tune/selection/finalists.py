@@ -59,8 +59,8 @@ def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | No
     selected configuration). Nothing when the search has no finalists to confirm."""
     from diffmic.config import split_seed, with_values
     from diffmic.secrets import redact_config
-    from tune.distributed import build_trainer
-    from tune.runner import max_concurrent
+    from tune.train.distributed import build_trainer
+    from tune.study.runner import max_concurrent
     from tune.storage import open_storage
 
     s = search.cfg["search"]

@@ -1,7 +1,7 @@
 """The search as it runs: a progress line per dataset in the output, and report.html rewritten in the record.
 
 A search runs for days; its final page comes at the end. `LiveReport` (one per search, in the driver) keeps what
-every dataset's trials have reported so far and, from a thread of its own, renders the page of tune/render.py with a
+every dataset's trials have reported so far and, from a thread of its own, renders the page of tune/pages/page.py with a
 "running: N of M trials finished, ETA …" header per dataset into `<experiment>/report.html`: when the search starts,
 after each trial that ends (at most once every `report_every_s`), and, while long trials run, at most every
 5 x `report_every_s` with their latest epochs. Trials never wait on it: Tune's callbacks only hand it results.
@@ -20,6 +20,7 @@ import pandas as pd
 from ray import tune
 
 from diffmic.secrets import redact, redact_url
+from tune.pages.parts import describe_progress
 
 LIVE: dict[str, "LiveReport"] = {}  # record URI -> the live report of the search running in this driver
 LAZY = 5  # without a trial ending, the page is rewritten at most every LAZY x report_every_s (fresh curves)
@@ -38,7 +39,7 @@ class TrialView:
 
 class LiveReport:
     def __init__(self, record, searches: list, started: float, every_s: float = 60.0, write: bool = True) -> None:
-        from tune.record import describe
+        from tune.record.experiment.results import describe
 
         self.record, self.started, self.every_s, self.write = record, started, float(every_s), write
         self.searches = {s.dataset: s for s in searches}
@@ -155,9 +156,9 @@ class LiveReport:
         return f"{dataset}: {describe_progress(p)}"
 
     def results(self):
-        """The record so far as tune/render.py reads it: the trials' rows and curves, no best model yet."""
-        from tune.record import Results
-        from tune.results import trial_row
+        """The record so far as tune/pages/page.py reads it: the trials' rows and curves, no best model yet."""
+        from tune.record.experiment.results import Results
+        from tune.selection.trials import trial_row
 
         summary, history = [], []
         with self._lock:
@@ -170,7 +171,7 @@ class LiveReport:
                 row, hist = trial_row(search, trial_id, config, frame, status == "ERROR")
                 row.update({k: v for k, v in (("started_at", started_at), ("ended_at", ended_at)) if math.isfinite(v)})
                 if status not in DONE:
-                    row["status"] = status  # RUNNING or PENDING (tune/render.py draws them grey)
+                    row["status"] = status  # RUNNING or PENDING (tune/pages/page.py draws them grey)
                 summary.append(row)
                 if hist is not None:
                     history.append(hist)
@@ -208,7 +209,7 @@ class LiveReport:
             self._wake.clear()
 
     def _write(self) -> None:
-        from tune.render import render
+        from tune.pages.page import render
 
         self._last = time.time()
         try:
@@ -227,21 +228,6 @@ class LiveReport:
 def last_epoch(view: TrialView) -> int:
     epochs = [r.get("epoch") for r in view.results if isinstance(r.get("epoch"), (int, float))]
     return int(max(epochs)) if epochs else 0
-
-
-def describe_progress(p: dict) -> str:
-    """`running: 3 of 8 trials finished (1 stopped early), 2 running, 3 pending; best val_macro_f1 0.912 (trial
-    ab12); ETA 0:05:12`, or the dataset's phase once its trials have ended."""
-    from tune.render_parts import fmt, hms
-
-    done = f"{p['finished']} of {p['total']} trials finished"
-    extra = [f"{p['stopped']} stopped early"] * bool(p["stopped"]) + [f"{p['errors']} failed"] * bool(p["errors"])
-    done += f" ({', '.join(extra)})" if extra else ""
-    best = f"; best {p['metric']} {fmt(p['best'])} (trial {p['best_trial']})" if p["best"] is not None else ""
-    if p["phase"] != "searching":
-        return f"{p['phase']}: {done}{best}"
-    eta = hms(p["eta_s"]) if math.isfinite(p["eta_s"]) else "unknown until a trial ends"
-    return f"running: {done}, {p['running']} running, {p['pending']} pending{best}; ETA {eta}"
 
 
 def study_location(search) -> str:
