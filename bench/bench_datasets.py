@@ -51,7 +51,7 @@ def run(datasets: list[str], name: str, storage: Path, configs: Path, extra: lis
     from hydra import compose, initialize_config_dir
 
     from diffmic.cli import to_plain
-    from tune.record.experiment.experiment import Record
+    from tune.record.experiment import Record
     from tune.stages.pipeline import search
 
     overrides = [f"datasets=[{','.join(datasets)}]", f"experiment={name}", f"storage.uri={storage}",

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tune.record.experiment.experiment import FORMAT, Record, RecordError
-from tune.record.experiment.experiment import best_row
+from tune.record.experiment import FORMAT, Record, RecordError
+from tune.record.experiment import best_row
 from tune.pages.serve import build_report, write_report
 from tune.storage import open_storage
-from tune.record.experiment.results import Results
+from tune.record.results import Results
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "auc", "ece", "dcg_accuracy", "mean_entropy")

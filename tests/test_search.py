@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY, compose
-from tune.record.experiment.results import Results
+from tune.record.results import Results
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -1019,7 +1019,7 @@ def test_the_exported_weights_are_those_of_the_epoch_the_search_reports(ray_tmp,
     from safetensors.torch import load_file
 
     from diffmic.checkpoint import evaluation_weights, load_state
-    from tune.record.experiment.experiment import Record
+    from tune.record.experiment import Record
 
     storage = tmp_path / "results"
     _ok(_search(["experiment=sel", f"storage.uri={storage}", "report=false", "export=true",

@@ -18,7 +18,7 @@ import pytest
 from helpers import compose
 from tune.pages import tracking
 from tune.study.checks import check_tracking
-from tune.record.experiment.experiment import Record
+from tune.record.experiment import Record
 from tune.study.space import Param, SearchError
 from tune.storage import LocalStorage, open_storage
 

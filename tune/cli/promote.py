@@ -11,8 +11,8 @@ not better is not promoted without --force, and the replaced bundle is kept unde
 from __future__ import annotations
 import argparse
 from diffmic.cli import one_line_errors
-from tune.record.experiment.experiment import Record
-from tune.record.experiment.promote import promote
+from tune.record.experiment import Record
+from tune.record.promote import promote
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 from diffmic.cli import one_line_errors
-from tune.record.experiment.experiment import REPORT, Record
+from tune.record.experiment import REPORT, Record
 from tune.pages.serve import DEFAULT_PORT, Followed, build_report, serve
 
 

@@ -39,7 +39,7 @@ class TrialView:
 
 class LiveReport:
     def __init__(self, record, searches: list, started: float, every_s: float = 60.0, write: bool = True) -> None:
-        from tune.record.experiment.results import describe
+        from tune.record.results import describe
 
         self.record, self.started, self.every_s, self.write = record, started, float(every_s), write
         self.searches = {s.dataset: s for s in searches}
@@ -157,7 +157,7 @@ class LiveReport:
 
     def results(self):
         """The record so far as tune/pages/page.py reads it: the trials' rows and curves, no best model yet."""
-        from tune.record.experiment.results import Results
+        from tune.record.results import Results
         from tune.selection.trials import trial_row
 
         summary, history = [], []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import math
 
-from tune.record.experiment.results import Results
+from tune.record.results import Results
 from tune.pages.parts import esc, note
 
 DISPLAY = 224  # px on the page for the longer side of an image

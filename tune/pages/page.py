@@ -16,7 +16,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from diffmic.secrets import redact
-from tune.record.experiment.results import Results
+from tune.record.results import Results
 from tune.pages import looks
 from tune.pages.parts import TOP_K, by_status, esc, fmt, hms, is_numeric, note, plot, with_interval
 from tune.pages.selection import SELECTION_SECTIONS

@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 
 from diffmic.metrics import HEAD_METRICS
 from tune.selection.points import COST
-from tune.record.experiment.results import Results
+from tune.record.results import Results
 from tune.pages.parts import TOP_K, esc, fmt, note, plot
 
 

@@ -11,8 +11,8 @@ the record first only when there is none) and follows it: the browser reloads wh
 
 from __future__ import annotations
 import json
-from tune.record.experiment.experiment import Record
-from tune.record.experiment.results import Results
+from tune.record.experiment import Record
+from tune.record.results import Results
 
 
 

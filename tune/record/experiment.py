@@ -10,6 +10,9 @@
     <root>/<experiment>/finalists.{parquet,csv}  one row per finalist run: its parameters, repeat, seed, val_*
     <root>/<experiment>/best.json                per dataset: the same with the confusion matrix and class names
     <root>/<experiment>/optuna/<dataset>.db      each dataset's Optuna study (SQLite)
+    <root>/<experiment>/stages/<dataset>/        what each stage after the trials decided: control.json (the plain
+                                                 control's run), finalists.json (the selected run and its repeats'
+                                                 statistics), choice.json (the chosen point) (tune/stages/pipeline.py)
     <root>/<experiment>/state/<dataset>.json     what a new head needs to resume (tune/study/resume.py): ASHA's rungs,
                                                  the signatures of Ray's state files
     <root>/<experiment>/report.html              the results page (tune/report.py; rewritten while the search runs)
@@ -56,7 +59,7 @@ PER_DATASET = ("summary", "history", "pareto", "finalists")  # tables with a row
 CHECKPOINT = "checkpoint_path"  # the summary column that holds a trial's best checkpoint (as Ray reports it)
 
 
-_LEDGER_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # the record's read-merge-writes (datasets' stages run in threads)
 
 
 class RecordError(StorageError):
@@ -124,7 +127,7 @@ class Record:
         return self.storage.join(rel)
 
     # ------------------------------------------------------------ writing
-    def write_search(self, datasets: dict[str, dict], started: float, wall_time_s: float) -> None:
+    def write_search(self, datasets: dict[str, dict], started: float, wall_time_s: float | None) -> None:
         """datasets: name -> describe(cfg, params) of each dataset's search."""
         self.storage.write_text(self.key(SEARCH), json.dumps(to_jsonable(
             {"format": FORMAT, "experiment": self.experiment, "datasets": datasets, "started": started,
@@ -143,23 +146,48 @@ class Record:
         self.write_table("best", pd.DataFrame([best_row(d, e) for d, e in details.items()]))
         self.storage.write_text(self.key(BEST_DETAILS), json.dumps(to_jsonable(details), indent=1))
 
-    def write_results(self, tables: dict[str, pd.DataFrame], best: dict[str, dict],
-                      searches: dict[str, dict], started: float, wall_time_s: float) -> None:
-        """A search's outcome for the datasets in `searches` (tables: PER_DATASET name -> rows); the rows and
-        descriptions of the experiment's other datasets (searched by an earlier invocation under the same name) are
-        kept, never dropped."""
-        others = self.read_search()["datasets"] if self.storage.exists(self.key(SEARCH)) else {}
-
-        def kept(frame: pd.DataFrame) -> pd.DataFrame:
-            return frame[~frame["dataset"].astype(str).isin(list(searches))] if "dataset" in frame else frame.iloc[:0]
-
-        for name in PER_DATASET:
-            frame = tables.get(name, pd.DataFrame())
-            parts = [f for f in (kept(self.read_table(name)), frame) if len(f)]
+    def write_rows(self, name: str, dataset: str, frame: pd.DataFrame) -> None:
+        """One dataset's rows of a table, written as soon as its stage has them; the rows of the experiment's other
+        datasets (searched beside it, or by an earlier invocation under the same name) are kept, never dropped."""
+        assert name in PER_DATASET, name
+        with _LOCK:  # the datasets' stages run in threads of one driver: read, merge and write as one step
+            old = self.read_table(name)
+            kept = old[old["dataset"].astype(str) != dataset] if "dataset" in old else old.iloc[:0]
+            parts = [f for f in (kept, frame) if len(f)]
             self.write_table(name, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
-        self.write_best({**{d: e for d, e in self.read_best().items() if d not in searches}, **best})
-        self.write_search({**{d: o for d, o in others.items() if d not in searches}, **searches}, started,
-                          wall_time_s)
+
+    def read_rows(self, name: str, dataset: str) -> pd.DataFrame:
+        """One dataset's rows of a table (trial ids as text); empty when its stage has not written them yet."""
+        frame = self.read_table(name)
+        if "dataset" not in frame:
+            return pd.DataFrame()
+        frame = frame[frame["dataset"].astype(str) == dataset].reset_index(drop=True)
+        return frame.assign(trial_id=frame["trial_id"].astype(str)) if "trial_id" in frame else frame
+
+    def write_best_entry(self, dataset: str, entry: dict) -> None:
+        """A dataset's tested (and exported) model, into best.json and best.csv, as soon as it is tested."""
+        with _LOCK:
+            self.write_best({**self.read_best(), dataset: entry})
+
+    def add_searches(self, searches: dict[str, dict], started: float, wall_time_s: float | None = None) -> None:
+        """search.json, written when the search starts (so that the record reads while it runs) and again when it
+        ends with its wall time; other datasets' descriptions are kept."""
+        with _LOCK:
+            others = self.read_search()["datasets"] if self.storage.exists(self.key(SEARCH)) else {}
+            self.write_search({**{d: o for d, o in others.items() if d not in searches}, **searches}, started,
+                              wall_time_s)
+
+    def write_stage(self, dataset: str, stage: str, value: dict) -> None:
+        """stages/<dataset>/<stage>.json: what a stage after the trials decided (tune/stages/pipeline.py), written
+        when it completes; a resumed search continues at the first stage whose artefact is missing."""
+        self.storage.write_text(self.key("stages", dataset, f"{stage}.json"), json.dumps(to_jsonable(value), indent=1))
+
+    def read_stage(self, dataset: str, stage: str) -> dict | None:
+        try:
+            value = json.loads(self.storage.read_text(self.key("stages", dataset, f"{stage}.json")))
+        except FileNotFoundError:
+            return None
+        return value if isinstance(value, dict) else None
 
     def write_explanations(self, dataset: str, items: list[dict], images: list[bytes]) -> None:
         """Where the dataset's best model looks: one JSON entry and one PNG per test image shown."""
@@ -187,7 +215,7 @@ class Record:
         """One line of the experiment's ledger of test looks (diffmic/ledger.py); storage has no append, so the file
         is read and written back, under a lock shared by the datasets' threads."""
         from diffmic import ledger
-        with _LEDGER_LOCK:
+        with _LOCK:
             try:
                 text = self.storage.read_text(self.key(ledger.LEDGER))
             except FileNotFoundError:

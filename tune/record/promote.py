@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 from diffmic.bundle import MANIFEST, META
-from tune.record.experiment.experiment import Record, RecordError
+from tune.record.experiment import Record, RecordError
 from tune.storage import Storage
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import pandas as pd
 from tune.storage import Storage
-from tune.record.experiment.experiment import CHECKPOINT, Record
+from tune.record.experiment import CHECKPOINT, Record
 
 
 def describe(cfg: dict, params) -> dict:

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 import pandas as pd
 from typing import TYPE_CHECKING
-from tune.record.experiment.experiment import CHECKPOINT
+from tune.record.experiment import CHECKPOINT
 if TYPE_CHECKING:
     from tune.study.dataset import DatasetSearch
 

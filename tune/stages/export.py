@@ -11,7 +11,7 @@ already there is replaced only with --replace. The bundle is tested on the test 
 
 from __future__ import annotations
 from diffmic.metrics import prefixed
-from tune.record.experiment.results import Results
+from tune.record.results import Results
 
 
 
@@ -23,8 +23,8 @@ def export(experiment_uri: str, dataset: str | None = None, trial: str | None = 
 
     from diffmic.diffusion import SAMPLERS
     from diffmic.ledger import look
-    from tune.record.experiment.experiment import CHECKPOINT, Record
-    from tune.record.experiment.results import best_trial
+    from tune.record.experiment import CHECKPOINT, Record
+    from tune.record.results import best_trial
     from tune.stages.checkpoints import provenance, test_and_export
     from tune.storage import open_storage
 
@@ -41,9 +41,12 @@ def export(experiment_uri: str, dataset: str | None = None, trial: str | None = 
     done = []
     for name in [dataset] if dataset else results.datasets:
         # Trials of the search and runs of its finalists: any of them can be exported.
-        rows = pd.concat([f[f["dataset"].astype(str) == name] for f in (results.summary, results.finalists)
-                          if "dataset" in f], ignore_index=True)
-        chosen = results.best.get(name) or {}
+        control = (results.record.read_stage(name, "control") or {}).get("row")  # the plain control's run
+        rows = pd.concat([f[f["dataset"].astype(str) == name] for f in (results.summary, results.finalists,
+                          pd.DataFrame([control] if control else [])) if "dataset" in f], ignore_index=True)
+        # the search's choice (the choice stage's artefact, which `tune.cli.choose` may have re-made; best.json for
+        # records written before the stages had artefacts)
+        chosen = results.record.read_stage(name, "choice") or results.best.get(name) or {}
         if trial:
             picked = rows[rows["trial_id"] == trial]
             if picked.empty or pd.isna(picked.iloc[0].get(CHECKPOINT)):

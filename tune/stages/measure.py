@@ -45,7 +45,7 @@ def measure_trials(search, summary: pd.DataFrame, grid: list[dict] | None = None
     resources."""
     import ray
 
-    from tune.record.experiment.experiment import CHECKPOINT
+    from tune.record.experiment import CHECKPOINT
     from tune.stages.checkpoints import task_resources
 
     if grid is None:

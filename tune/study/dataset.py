@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune.record.experiment.experiment import Record
+from tune.record.experiment import Record
 from tune.storage import Storage
 from tune.study.resume import study_path
 from tune.study.space import Param
