@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: search test test-fast bench install
+.PHONY: search test test-fast bench install browser
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 search: install
 	$(PY) tune/search.py
 
-test: install
-	$(PY) -m pytest
+test: install browser
+	$(PY) -m pytest --durations=25
+
+# The report's browser tests drive headless Chromium: installed here, by the set-up step, never by a test. Without
+# root or apt-get it says what is missing, and those tests then fail naming it.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "make: headless Chromium is missing and cannot be installed here (needs root and apt-get:" \
+	  "apt-get install chromium chromium-driver); the browser tests will fail naming it" >&2; fi
 
 # For development: the unit tests of pure code (no Ray cluster, S3 server, browser or long training), under 2 minutes.
 # It runs in the environment already set up: .venv, else a `python` on PATH that imports this checkout's diffmic

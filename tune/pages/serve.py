@@ -93,6 +93,15 @@ def serve(page: Followed, port: int) -> None:
         def log_message(self, *args):  # quiet: a line per request would bury the URL
             pass
 
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and a plain kill stop the server, whatever the process inherited: a job that a non-interactive shell
+    # puts in the background starts with SIGINT ignored, and Python then raises no KeyboardInterrupt on its own.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     print(f"serving http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)", flush=True)
     try:
