@@ -667,7 +667,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_tmp, tmp_pa
 def test_a_search_survives_the_loss_of_its_head(s3_server, s3_bucket, tmp_path):
     """A search submitted as a job to a real Ray head, results in the real S3 server. Once a trial has finished, every
     process of the head (driver included) is killed with SIGKILL; the same command goes to a new head whose driver
-    has an empty cache (and whose key is the one both heads derive from their S3 credentials). The job succeeds,
+    has an empty cache, the dead head's disk deleted first (and whose key is the one both heads derive from their S3
+    credentials). The job succeeds,
     every trial is in the summary with distinct configurations, no (trial, epoch) is in the history twice, and the
     study in storage holds every trial."""
     trials = 4
@@ -704,6 +705,7 @@ def test_a_search_survives_the_loss_of_its_head(s3_server, s3_bucket, tmp_path):
         _stop(heads[0], (pid, first.proc.pid))  # SIGKILL: head processes, driver, workers, the submitting client
         assert not _pids_of(heads[0])
         assert stored_study("COMPLETE") < trials, "every trial had finished before the head was killed"
+        shutil.rmtree(heads[0])  # the dead head's disk is gone (its cache: the study's SQLite file, Ray's session)
 
         address, pid = _start_head(heads[1], node_env(heads[1]))
         assert not (heads[1] / "cache").exists()

@@ -107,3 +107,39 @@ def test_the_choice_stage_reruns_alone_from_the_command_line(tmp_path, measured,
     with pytest.raises(SystemExit):
         main([str(tmp_path / "res" / "e"), "--max-cost-ms", "-1"])
     assert "--max-cost-ms -1.0: expected a positive number" in capsys.readouterr().err
+
+
+def test_a_pickled_study_opens_on_a_new_head_whose_predecessor_disk_is_gone(tmp_path, monkeypatch):
+    """Issue 23: Tune pickles the searcher (tuner.pkl, searcher-state) with its Optuna storage; a study on the lost
+    head's disk must not be opened by path on the new head. Its storage is pickled by the study's name under the
+    node's cache and reopened from the new head's own copy (tune/study/runner.py:local_study puts it there)."""
+    import pickle
+    import shutil
+
+    import optuna
+
+    from tune.study.resume import study_path
+    from tune.study.runner import optuna_searcher
+    from tune.study.searcher import ResumableOptunaSearch
+
+    old, new = tmp_path / "dead-head-cache", tmp_path / "new-head-cache"
+    monkeypatch.setenv("DIFFMIC_CACHE", str(old))
+    search = SimpleNamespace(cfg={"search": {"sampler": "tpe", "seed": 0, "optuna_storage": None,
+                                             "max_concurrent_trials": 1}, "train": {"epochs": 2}},
+                             experiment="e", dataset="d", study_rel="root/e/d.db",
+                             optuna_db=lambda: study_path("root/e/d.db"), record=SimpleNamespace(uri="u"))
+    limiter = optuna_searcher(search)
+    searcher = limiter.searcher
+    assert isinstance(searcher, ResumableOptunaSearch)
+    optuna.create_study(study_name="e-d", storage=searcher._storage)  # the study exists on the dead head
+    blob = pickle.dumps(searcher._storage)
+    copy = tmp_path / "stored.db"
+    shutil.copy(study_path("root/e/d.db"), copy)  # the record's copy of the study
+    shutil.rmtree(old)  # the head is lost with its disk
+    monkeypatch.setenv("DIFFMIC_CACHE", str(new))
+    study_path("root/e/d.db").parent.mkdir(parents=True)
+    shutil.copy(copy, study_path("root/e/d.db"))  # as local_study restores it on the new head
+    storage = pickle.loads(blob)
+    assert [s.study_name for s in optuna.study.get_all_study_summaries(storage=storage)] == ["e-d"]
+    assert str(new) in storage.url
+    assert not old.exists()

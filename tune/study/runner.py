@@ -81,7 +81,7 @@ def optuna_searcher(search: DatasetSearch):
     import optuna
 
     from tune.study.pool import PooledLimiter
-    from tune.study.searcher import DistinctSampler, ResumableOptunaSearch
+    from tune.study.searcher import DistinctSampler, NodeStudy, ResumableOptunaSearch
 
     s = search.cfg["search"]
     samplers = {
@@ -93,7 +93,7 @@ def optuna_searcher(search: DatasetSearch):
     if s["optuna_storage"]:
         storage = optuna.storages.RDBStorage(s["optuna_storage"])
     else:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{search.optuna_db()}")
+        storage = NodeStudy(search.study_rel)  # pickled by name: a new head opens its own copy
     searcher = ResumableOptunaSearch(sampler=DistinctSampler(samplers[s["sampler"]](), seed=s["seed"]),
                                      storage=storage, study_name=f"{search.experiment}-{search.dataset}",
                                      local_study=None if s["optuna_storage"] else search.study_rel,

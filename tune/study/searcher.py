@@ -30,6 +30,24 @@ logger = logging.getLogger(__name__)
 _DRAWS = 200  # random neighbours and points tried before accepting a repeat (the space may be exhausted)
 
 
+class NodeStudy(optuna.storages.RDBStorage):
+    """The study's SQLite file under this node's cache, pickled by its name there (`rel`), never by its path: Tune
+    pickles the searcher with its storage (tuner.pkl, the searcher state), and a new head whose predecessor's disk is
+    gone must open its own copy (tune/study/runner.py:local_study) rather than a path that no longer exists."""
+
+    def __init__(self, rel: str) -> None:
+        self.rel = rel
+        path = study_path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(f"sqlite:///{path}")
+
+    def __getstate__(self) -> dict:
+        return {"rel": self.rel}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["rel"])
+
+
 class ResumableOptunaSearch(OptunaSearch):
     """The study is saved at once, Tune's own state only every few seconds: a driver lost in between restores a trial
     that had ended as still running, and that trial reports its last epoch again. Optuna refuses to update a finished
