@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
 from diffmic.checkpoint import to_jsonable
-from tune.storage import Storage, StorageError, open_storage
+from tune.storage import Storage, open_storage
 from tune.storage.base import clean_rel
 from diffmic.metrics import prefixed, unprefixed
+from tune.errors import RecordError
 
 
 FORMAT = 1
@@ -62,8 +63,6 @@ CHECKPOINT = "checkpoint_path"  # the summary column that holds a trial's best c
 _LOCK = threading.Lock()  # the record's read-merge-writes (datasets' stages run in threads)
 
 
-class RecordError(StorageError):
-    """A record that is missing, or written by a newer format; one line naming where and what was expected."""
 
 
 @dataclass

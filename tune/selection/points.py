@@ -10,6 +10,7 @@ within `search.max_cost_ms` (null: the most accurate one).
 
 from __future__ import annotations
 import pandas as pd
+from tune.errors import ParetoError
 
 
 COST = "predict_ms_per_image"
@@ -18,8 +19,6 @@ COST = "predict_ms_per_image"
 POINT = ("sampler", "sample_steps", "num_samples")  # the settings a point is, as pareto.csv names them
 
 
-class ParetoError(ValueError):
-    pass
 
 
 def check_grid(grid, timesteps: list[int]) -> None:

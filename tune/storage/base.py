@@ -7,18 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffmic.errors import DiffmicError
-from diffmic.secrets import redact
+from tune.errors import StorageError
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
 
-class StorageError(DiffmicError, RuntimeError):
-    """One line naming the URI/endpoint and what was expected; never contains a secret."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(redact(str(message)).split()))
 
 
 def clean_rel(rel: str) -> str:

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffmic.config import ConfigError, validate_config, with_values
-from diffmic.errors import DiffmicError
+from tune.errors import SearchError
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
 
 
-class SearchError(DiffmicError, ValueError):
-    """A search configuration that cannot run; one line naming the key and what is expected."""
 
 
 @dataclass(frozen=True)
