@@ -31,6 +31,7 @@ from diffmic.models import DiffMIC, build_model
 from diffmic.rng import rng_state, seed_everything, set_rng_state
 from diffmic.secrets import redact_config
 from diffmic.session import LocalSession, Session
+from diffmic.selection import better
 
 
 @dataclass
@@ -164,9 +165,7 @@ class Selection:
         self.worst = -math.inf if self.mode == "max" else math.inf
 
     def better(self, value: float, than: float) -> bool:
-        if value is None or math.isnan(value):
-            return False
-        return value > than if self.mode == "max" else value < than
+        return better(value, than, self.mode)  # diffmic/selection.py: ties keep the earlier epoch
 
 
 def device_augment(cfg: dict, data: DataSplits, session: Session) -> BatchAugment | None:

@@ -21,6 +21,7 @@ from ray import tune
 
 from diffmic.secrets import redact, redact_url
 from tune.pages.parts import describe_progress
+from diffmic.selection import better
 
 LIVE: dict[str, "LiveReport"] = {}  # record URI -> the live report of the search running in this driver
 LAZY = 5  # without a trial ending, the page is rewritten at most every LAZY x report_every_s (fresh curves)
@@ -132,8 +133,7 @@ class LiveReport:
         stopped = sum(1 for v in done if v.status == "TERMINATED" and last_epoch(v) < d["epochs_per_trial"])
         best, best_trial = None, None
         for trial_id, value in values:
-            if isinstance(value, (int, float)) and math.isfinite(value) and (
-                    best is None or (value > best if d["mode"] == "max" else value < best)):
+            if isinstance(value, (int, float)) and math.isfinite(value) and better(value, best, d["mode"]):
                 best, best_trial = value, trial_id
         # Time left: the trials not yet ended, at the mean duration of those that have, shared by the slots in use.
         durations = [v.ended_at - v.started_at for v in done if math.isfinite(v.ended_at - v.started_at)]

@@ -16,6 +16,7 @@ from pathlib import Path
 from diffmic.bundle import MANIFEST, META
 from tune.record.experiment import Record, RecordError
 from tune.storage import Storage
+from diffmic.selection import better
 
 
 
@@ -53,8 +54,7 @@ def promote(record: Record, dataset: str, force: bool = False) -> str:
                                                                        new_from.get("trial_id")):
             return f"{dataset}: {storage.join(current)} already holds this model"
         old_value = (old.get("metrics") or {}).get("val", {}).get(metric.removeprefix("val_"))
-        better = old_value is None or (new_value > old_value if mode == "max" else new_value < old_value)
-        if not better and not force:
+        if not better(new_value, old_value, mode) and not force:
             return (f"{dataset}: kept {storage.join(current)} (experiment {old_from.get('experiment')}, {metric} "
                     f"{old_value:.4g}); this experiment's model has {metric} {new_value:.4g} ({mode} is better): "
                     "--force promotes it anyway")

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 from tune.storage import Storage
 from tune.record.experiment import CHECKPOINT, Record
+from diffmic.selection import best
+from diffmic.selection import ranked
 
 
 def describe(cfg: dict, params) -> dict:
@@ -50,7 +52,7 @@ def best_trial(summary: pd.DataFrame, metric: str, mode: str) -> pd.Series | Non
     ok = summary[summary[metric].notna() & summary[CHECKPOINT].notna()]
     if ok.empty:
         return None
-    return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
+    return ok.iloc[best(ok.to_dict("records"), metric, mode)]  # the one rule (diffmic/selection.py)
 
 
 @dataclass
@@ -112,5 +114,5 @@ class Results:
     def ranked(self, dataset: str) -> pd.DataFrame:
         """The dataset's trials that reported its metric, best first."""
         t, metric = self.trials(dataset), self.metric(dataset)
-        return t[t[metric].notna()].sort_values(metric, ascending=self.minimize(dataset)) if metric in t \
+        return t.iloc[ranked(t.to_dict("records"), metric, "min" if self.minimize(dataset) else "max")] if metric in t \
             else t.iloc[0:0]

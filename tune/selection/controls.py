@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import pandas as pd
+from diffmic.selection import best as best_of
 
 CONTROLS = ("dcg", "control")
 # A trial's config with these values is the plain classifier (see the module's docstring).
@@ -51,7 +52,7 @@ def run_control(search) -> pd.Series | None:
     reported = [m for _, m in (result.best_checkpoints or []) if m.get(metric) is not None]
     if not reported or result.checkpoint is None:
         return None
-    best = (max if mode == "max" else min)(reported, key=lambda m: m[metric])
+    best = reported[best_of(reported, metric, mode)]
     return pd.Series({"dataset": search.dataset, "trial_id": CONTROL_RUN,
                       **{f"val_{m}": best.get(f"val_{m}") for m in SCALAR_METRICS},
                       "best_epoch": best.get("epoch"), "wall_time_s": time.time() - started,

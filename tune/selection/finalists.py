@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 
 from diffmic.metrics import SCALAR_METRICS
+from diffmic.selection import best, ranked as rank
 
 SEED_STRIDE = 7919  # repeat r trains with seed + (r + 1) * SEED_STRIDE: never the search's own seed
 REPEAT_MODES = ("seeds", "folds")
@@ -24,8 +25,7 @@ REPEAT_MODES = ("seeds", "folds")
 
 def top_configs(summary: pd.DataFrame, keys: list[str], metric: str, mode: str, k: int) -> list[dict]:
     """The k best distinct configurations among the trials that reported the metric."""
-    ranked = summary[summary[metric].notna()].sort_values(metric, ascending=mode == "min") if metric in summary \
-        else summary.iloc[0:0]
+    ranked = summary.iloc[rank(summary.to_dict("records"), metric, mode)] if metric in summary else summary.iloc[0:0]
     seen, out = set(), []
     for _, row in ranked.iterrows():
         params = {key: _plain(row[key]) for key in keys}
@@ -84,17 +84,18 @@ def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | No
         if result.error:
             raise result.error
         reported = [m for _, m in (result.best_checkpoints or []) if m.get(metric) is not None]
-        best = (max if mode == "max" else min)(reported, key=lambda m: m[metric]) if reported else {}
+        top = reported[best(reported, metric, mode)] if reported else {}
         return {"dataset": search.dataset, "config": run["config"], **run["params"], "repeat": run["repeat"],
                 "seed": run["seed"], "val_carve": run["val_carve"], "trial_id": run["name"],
-                **{f"val_{m}": best.get(f"val_{m}") for m in SCALAR_METRICS},
-                "best_epoch": best.get("epoch"),
+                **{f"val_{m}": top.get(f"val_{m}") for m in SCALAR_METRICS},
+                "best_epoch": top.get("epoch"),
                 "checkpoint_path": result.checkpoint.path if result.checkpoint is not None else None}
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(runs), max_concurrent(search.cfg)))) as pool:
         frame = pd.DataFrame(list(pool.map(train, runs)))
     means = frame.groupby("config")[metric].mean()
-    chosen = int(means.idxmax() if mode == "max" else means.idxmin())
+    configs = [{"config": c, metric: m} for c, m in means.items()]  # in rank order: a full tie keeps the better-ranked
+    chosen = int(configs[best(configs, metric, mode)]["config"])
     mine = frame[(frame["config"] == chosen) & frame[metric].notna() & frame["checkpoint_path"].notna()]
     if mine.empty:
         return frame, None, {}

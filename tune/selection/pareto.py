@@ -11,6 +11,7 @@ within `search.max_cost_ms` (null: the most accurate one).
 from __future__ import annotations
 import pandas as pd
 from tune.selection.points import COST
+from diffmic.selection import best
 
 
 def mark_front(frame: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
@@ -39,4 +40,4 @@ def choose(frame: pd.DataFrame, dataset: str, metric: str, mode: str, max_cost_m
         points = points[points[COST] <= max_cost_ms]
     if not len(points):
         return None
-    return points.sort_values([metric, COST], ascending=[mode == "min", True]).iloc[0]
+    return points.iloc[best(points.to_dict("records"), metric, mode)]  # ties: the cheaper, then the lower trial id

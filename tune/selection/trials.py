@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from typing import TYPE_CHECKING
 from tune.record.experiment import CHECKPOINT
+from diffmic.selection import best as best_of
 if TYPE_CHECKING:
     from tune.study.dataset import DatasetSearch
 
@@ -41,7 +42,7 @@ def trial_row(search: DatasetSearch, trial_id: str, config: dict, df: pd.DataFra
     row = {"dataset": search.dataset, "trial_id": trial_id, **params, **interval(df)}
     if metric in df.columns and df[metric].notna().any():
         # The first epoch of the best value, as the engine picks it (ties go to the earlier epoch).
-        best = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
+        best = df.iloc[best_of(df.to_dict("records"), metric, mode)]
         # The trial's latest checkpoint: Ray Train always keeps it (num_to_keep drops only others, and may drop
         # the best epoch's own when scores tie), and it carries the weights of the best epoch so far.
         with_ckpt = df[df[CHECKPOINT].notna()] if CHECKPOINT in df else df.iloc[0:0]

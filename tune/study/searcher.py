@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from tune.study.resume import study_path
+from diffmic.selection import best
 
 logger = logging.getLogger(__name__)
 _DRAWS = 200  # random neighbours and points tried before accepting a repeat (the space may be exhausted)
@@ -109,7 +110,8 @@ class ResumableOptunaSearch(OptunaSearch):
     def _best_of_curve(self, trial_id: str, last: float) -> float:
         trial = self._ot_trials[trial_id]
         curve = list(trial.storage.get_trial(trial._trial_id).intermediate_values.values()) or [last]
-        return max(curve) if self._mode == "max" else min(curve)
+        i = best([{"value": v} for v in curve], "value", self._mode)  # the one rule (diffmic/selection.py)
+        return last if i is None else curve[i]
 
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         self.staging_dir = checkpoint_dir
