@@ -22,6 +22,7 @@ from diffmic.checkpoint import to_jsonable
 from diffmic.config import ConfigError, check_architecture
 from diffmic.errors import DiffmicError
 from diffmic.models import DiffMIC, build_model
+from diffmic.defaults import complete
 
 BUNDLE_FORMAT = 1
 WEIGHTS, CONFIG, META, MANIFEST = "model.safetensors", "config.json", "bundle.json", "manifest.json"
@@ -146,9 +147,9 @@ def verify_bundle(directory: str | Path) -> dict:
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
     directory = Path(directory)
     verify_bundle(directory)
-    config = json.loads((directory / CONFIG).read_text())
     meta = json.loads((directory / META).read_text())
     try:
+        config = complete(json.loads((directory / CONFIG).read_text()))  # an older bundle's missing keys
         check_architecture(config)
     except (ConfigError, KeyError, TypeError) as e:
         raise BundleError(f"bundle {str(directory)!r}: {CONFIG}: {e if isinstance(e, ConfigError) else 'malformed'}") \

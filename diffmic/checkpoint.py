@@ -107,8 +107,9 @@ def fitted_temperature(state: dict, of: str = "temperature") -> float:
 def load_eval_model(state: dict, num_classes: int | None = None):
     """The model a checkpoint state is evaluated and exported with (its config, its best epoch's weights): the one
     way from a checkpoint to an evaluation model (evaluate, the search's test and export, the tests)."""
+    from diffmic.defaults import complete
     from diffmic.models import build_model
-    cfg = state["config"]
+    cfg = complete(state["config"])  # an older checkpoint's missing keys: from configs/, never a code default
     model = build_model(cfg, num_classes or len(state["class_names"]), cfg["dataset"]["image_size"],
                         initial_weights=False)
     model.load_state_dict(evaluation_weights(state))

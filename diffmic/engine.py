@@ -267,7 +267,7 @@ def train(cfg: dict, session: Session | None = None) -> RunResult:
     """Train and evaluate one configuration; returns the best-validation metrics and the test metrics."""
     validate_config(cfg)
     cfg = redact_config(cfg)  # it is written into every checkpoint and bundle
-    session = session or LocalSession(cfg.get("output_dir") or "runs/default")
+    session = session or LocalSession(cfg["output_dir"])  # its default lives in configs/config.yaml
     t = cfg["train"]
     seed = int(cfg["seed"])
     seed_everything(seed + session.rank, cfg["deterministic"])

@@ -21,3 +21,11 @@ def compose(overrides: list[str] = (), config_name: str = "config") -> dict:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def dcg_knobs(**given) -> dict:
+    """DCG's keyword arguments: configs/model/diffmic.yaml's `dcg` (the one place its defaults live) without the hub,
+    with `given` over them."""
+    import yaml
+    knobs = yaml.safe_load((CONFIG_DIR / "model" / "diffmic.yaml").read_text())["dcg"]
+    return {**knobs, "pretrained": False, **given}

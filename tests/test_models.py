@@ -8,7 +8,7 @@ import torch
 
 from diffmic.models import DCG, Denoiser, build_model, crop_rois, select_rois
 from diffmic.models.dcg import cells_to_pixels, top_t_aggregate
-from helpers import compose
+from helpers import compose, dcg_knobs
 
 ROI = json.loads((Path(__file__).parent / "data" / "roi.json").read_text())
 
@@ -47,7 +47,7 @@ def test_roi_count_bound_is_a_config_error():
     with pytest.raises(ValueError, match="roi_count=50: expected at most 49"):
         select_rois(torch.randn(1, 2, 7, 7), 50)
     with pytest.raises(ValueError, match="roi_count=17: expected at most 16"):
-        DCG(3, 64, backbone="resnet18", output_stride=16, roi_count=17, crop_size=16)
+        DCG(3, 64, **dcg_knobs(backbone="resnet18", output_stride=16, roi_count=17, crop_size=16))
 
 
 def test_windowed_selection_picks_the_hot_region():
@@ -75,7 +75,7 @@ def test_pixels_stay_inside_the_image():
 
 def test_dcg_forward_shapes_and_fusion():
     torch.manual_seed(0)
-    dcg = DCG(4, 64, backbone="resnet18", output_stride=16, roi_count=3, crop_size=16).eval()
+    dcg = DCG(4, 64, **dcg_knobs(backbone="resnet18", output_stride=16, roi_count=3, crop_size=16)).eval()
     assert dcg.grid == 4 and dcg.window == 1
     out = dcg(torch.randn(2, 3, 64, 64))
     assert out.fused.shape == out.global_.shape == out.local.shape == (2, 4)
@@ -86,7 +86,8 @@ def test_dcg_forward_shapes_and_fusion():
 
 def test_red_crops_repeat_channel_zero():
     torch.manual_seed(0)
-    dcg = DCG(2, 64, backbone="resnet18", output_stride=16, roi_count=2, crop_size=16, crop_channels="red").eval()
+    dcg = DCG(2, 64, **dcg_knobs(backbone="resnet18", output_stride=16, roi_count=2, crop_size=16,
+                                 crop_channels="red")).eval()
     seen = []
     dcg.local_net.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     dcg(torch.randn(1, 3, 64, 64))

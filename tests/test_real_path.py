@@ -27,7 +27,7 @@ from diffmic.models import DCG, build_model
 from diffmic.models.dcg import CamGeometry, cam_geometry
 from diffmic.predict import main as predict_main
 from diffmic.weights import WeightsError, check_pretrained
-from helpers import compose
+from helpers import compose, dcg_knobs
 from test_search import ROOT, _csv, _ok, _search, ray_tmp  # noqa: F401 (ray_tmp is a fixture)
 from tune.study.space import SearchError, check_against_config, parse_space
 
@@ -71,7 +71,7 @@ def test_cam_stride_and_crop_follow_the_image_size():
     assert (cam_geometry(48).stride, cam_geometry(48).grid, cam_geometry(48).crop_size) == (16, 3, 16)
     assert (cam_geometry(32).stride, cam_geometry(32).grid, cam_geometry(32).crop_size) == (8, 4, 8)
     assert cam_geometry(64, 32, 32).positions == 4  # explicit values are kept
-    dcg = DCG(3, 48, backbone="test_resnet", output_stride=None, crop_size=None, roi_count=6)
+    dcg = DCG(3, 48, **dcg_knobs(backbone="test_resnet", output_stride=None, crop_size=None, roi_count=6))
     assert (dcg.grid, dcg.crop_size, dcg.window) == (3, 16, 1)
 
 

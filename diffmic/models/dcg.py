@@ -129,10 +129,11 @@ class GatedAttentionPool(nn.Module):
 
 
 class DCG(nn.Module):
-    def __init__(self, num_classes: int, image_size: int, backbone: str = "resnet50",
-                 local_backbone: str | None = None, pretrained: bool = False, weights: str | None = None,
-                 output_stride: int | None = 32, roi_count: int = 6, crop_size: int | None = 32, top_t: float = 1.0,
-                 roi_mode: str = "distinct", crop_channels: str = "rgb", fusion_weight: float = 0.5,
+    # Every knob is given (configs/model/diffmic.yaml holds their defaults, build_model passes them): no second
+    # default here that could disagree with the YAML.
+    def __init__(self, num_classes: int, image_size: int, *, backbone: str, local_backbone: str | None,
+                 pretrained: bool, weights: str | None, output_stride: int | None, roi_count: int,
+                 crop_size: int | None, top_t: float, roi_mode: str, crop_channels: str, fusion_weight: float,
                  attention_dim: int = 128):
         super().__init__()
         # Values are checked once, on the config (diffmic.config.validate_config); only the grid measured on the

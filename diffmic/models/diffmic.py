@@ -171,7 +171,7 @@ def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: b
         return {"pretrained": bool(c.get("pretrained")) and initial_weights,
                 "weights": c.get("weights") if initial_weights else None}
 
-    dcg = DCG(num_classes, image_size, backbone=dcg_cfg["backbone"], local_backbone=dcg_cfg.get("local_backbone"),
+    dcg = DCG(num_classes, image_size, backbone=dcg_cfg["backbone"], local_backbone=dcg_cfg["local_backbone"],
               **init(dcg_cfg), output_stride=dcg_cfg["output_stride"], roi_count=dcg_cfg["roi_count"],
               crop_size=dcg_cfg["crop_size"], top_t=dcg_cfg["top_t"],
               roi_mode=dcg_cfg["roi_mode"], crop_channels=dcg_cfg["crop_channels"],
@@ -179,6 +179,6 @@ def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: b
     denoiser = Denoiser(num_classes, d["timesteps"], encoder=den_cfg["encoder"], feature_dim=den_cfg["feature_dim"],
                         **init(den_cfg), embedding_bias=den_cfg["embedding_bias"])
     schedule = NoiseSchedule(d["schedule"], d["timesteps"], d["beta_start"], d["beta_end"],
-                             beta_steps=d.get("beta_steps"))
-    # A config written before `output` existed describes an ε head: the only kind there was then.
-    return DiffMIC(dcg, denoiser, schedule, num_classes, output=den_cfg.get("output", "eps"))
+                             beta_steps=d["beta_steps"])
+    # (a config read back from an older checkpoint or bundle is completed first: diffmic/defaults.py)
+    return DiffMIC(dcg, denoiser, schedule, num_classes, output=den_cfg["output"])

@@ -1,0 +1,38 @@
+"""Defaults for configs read back from a checkpoint or a bundle (written by an older version, which may lack keys
+added since). The defaults live in configs/ alone: a missing key is filled from the YAML that holds it, never from a
+second default written in code; a key whose default changed after such files were written is filled with what those
+runs did (BEFORE_THE_KEY), since the current YAML would describe another model."""
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+# (group, key path) -> the value every run written before the key existed used
+BEFORE_THE_KEY = {("model", "denoiser", "output"): "eps"}  # the ε head: the only kind there was then
+GROUPS = {"model": "model/diffmic.yaml", "diffusion": "diffusion/card.yaml"}  # what shapes a read-back model
+
+
+def _merge(defaults: dict, given: dict) -> dict:
+    out = copy.deepcopy(given)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _merge(value, out[key])
+    return out
+
+
+def complete(cfg: dict) -> dict:
+    """`cfg` with every key of the model-shaping groups it lacks filled (BEFORE_THE_KEY first, then configs/)."""
+    from diffmic.cli import CONFIG_DIR
+
+    out = copy.deepcopy(cfg)
+    for path, value in BEFORE_THE_KEY.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node.setdefault(path[-1], value)
+    for group, file in GROUPS.items():
+        out[group] = _merge(yaml.safe_load((CONFIG_DIR / file).read_text()) or {}, out.get(group) or {})
+    return out
