@@ -82,8 +82,10 @@ def walk(obj):
 def test_aws_yaml_passes_ray_validation(aws):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    validate_config(aws)  # the file as written (what `ray up` reads)
-    validate_config(prepare_config(copy.deepcopy(aws)))  # and after Ray merges its AWS defaults
+    validate_config(aws)  # the file as written (what `ray up` reads); raises on a schema error
+    prepared = prepare_config(copy.deepcopy(aws))
+    validate_config(prepared)  # and after Ray merges its AWS defaults
+    assert prepared["provider"]["type"] == "aws" and set(worker_types(aws)) <= set(prepared["available_node_types"])
 
 
 def test_aws_gpu_workers_scale_from_zero(aws):

@@ -16,7 +16,8 @@ def test_every_group_option_composes(group, option):
         overrides.append("storage.uri=s3://bucket/prefix")
     cfg = compose(overrides, "search" if group in ("search", "tracking") else "config")  # groups of searches only
     if group not in ("search", "tracking"):
-        validate_config(cfg)
+        validate_config(cfg)  # raises on a bad value
+    assert {"dataset", "model", "diffusion", "train", "storage"} <= set(cfg)  # the whole config, with the option
 
 
 def test_search_preset_applies_to_searches_only():

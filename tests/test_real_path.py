@@ -41,7 +41,9 @@ def test_every_preset_takes_the_default_space_as_is(dataset):
     for extra in ([], ["dataset.image_size=48", "model.dcg.backbone=resnet10t"]):
         cfg = compose([f"dataset={dataset}", *extra], "search")
         validate_config(cfg)
-        check_against_config(parse_space(cfg["search"]["space"], cfg), cfg)
+        params = parse_space(cfg["search"]["space"], cfg)
+        check_against_config(params, cfg)  # raises naming the first invalid combination
+        assert {p.key for p in params} >= {"diffusion.timesteps", "diffusion.schedule", "train.mmd_weight"}
 
 
 @pytest.mark.parametrize("dataset, start", [("isic2018", 250), ("aptos2019", 60), ("isic2018_pkl", 250),

@@ -41,7 +41,9 @@ def staged(tmp_path):
 
 def test_signed_state_is_restored(staged):
     storage, _, _ = staged
-    verify_ray_state(storage, EXP, STATE, trust=False)
+    before = {name: storage.read_bytes(f"{EXP}/{name}") for name in ("tuner.pkl", "searcher-state-s1.pkl")}
+    verify_ray_state(storage, EXP, STATE, trust=False)  # raises SearchError on any file it cannot vouch for
+    assert {name: storage.read_bytes(f"{EXP}/{name}") for name in before} == before  # and leaves them as they are
 
 
 @pytest.mark.parametrize("name", ["tuner.pkl", "searcher-state-s1.pkl", "experiment_state-s1.json",

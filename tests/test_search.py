@@ -307,7 +307,9 @@ def test_valid_combinations_pass(search_cfg):
              "s": {"key": "diffusion.sample_steps", "choice": [10, 100]},
              "lr": {"key": "train.lr", "loguniform": [1e-4, 1e-2]},
              "k": {"key": "train.epochs", "randint": [1, 4]}}
-    check_against_config(parse_space(space, search_cfg), search_cfg)
+    params = parse_space(space, search_cfg)
+    check_against_config(params, search_cfg)  # raises naming an invalid combination
+    assert [p.name for p in params] == ["t", "d", "s", "lr", "k"]
 
 
 def _proposals(distinct: bool, n: int):
