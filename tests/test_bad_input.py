@@ -168,6 +168,13 @@ def pickled_checkpoint(tmp: Path) -> str:
     return str(tmp / "evil")
 
 
+def edited_rungs(tmp: Path) -> str:
+    """An experiment whose state/synthetic.json holds ASHA rungs that are not numbers (edited by hand)."""
+    (tmp / "res" / "e" / "state").mkdir(parents=True)
+    (tmp / "res" / "e" / "state" / "synthetic.json").write_text(json.dumps({"asha": [[{"t1": "abc"}]]}))
+    return str(tmp / "res")
+
+
 def a_file(tmp: Path) -> str:
     (tmp / "afile").write_text("x")
     return str(tmp / "afile")
@@ -230,6 +237,8 @@ CATALOGUE = {
                                                "tracking.uri=htp:/nohost: expected an MLflow tracking URI"),
     "search: tracking URI without a scheme": (SEARCH, ["tracking=mlflow", "tracking.uri=127.0.0.1:5000"],
                                               "tracking.uri=127.0.0.1:5000: expected an MLflow tracking URI"),
+    "search: edited ASHA rungs in the state file": (
+        SEARCH, lambda t: [*TINY_CLI, f"storage.uri={edited_rungs(t)}", "experiment=e"], 'asha=[[{"t1": "abc"}]]'),
     # the README's commands for the pkl and csv lists: their keys reach their dataset (the root is what is wrong)
     "search: pkl list key reaches the pkl dataset": (
         SEARCH, lambda t: ["datasets=[pkl]", f"dataset.root={t}/none", "dataset.train_list=x_train.pkl"],

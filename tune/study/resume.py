@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -76,10 +77,12 @@ def read_state(storage: Storage, key: str) -> dict:
 
 def verify_ray_state(storage: Storage, exp_rel: str, state_key: str, trust: bool) -> None:
     """Before `Tuner.restore` (and before Ray starts): every file of Ray's state under `exp_rel` must carry a digest
-    this project recorded. One line naming the first that does not, unless the user trusts the stored state."""
+    this project recorded. One line naming the first that does not, unless the user trusts the stored state. ASHA's
+    saved rungs are checked too (they are read back into the scheduler, signed or not)."""
+    state = read_state(storage, state_key)
+    check_rungs(state.get("asha"), storage.join(state_key))
     if trust or not storage.exists(f"{exp_rel}/tuner.pkl"):
         return
-    state = read_state(storage, state_key)
     signed = state.get("signed") if isinstance(state.get("signed"), dict) else {}
     key, source = signing_key()
     for rel in storage.list(exp_rel):
@@ -99,6 +102,20 @@ def verify_ray_state(storage: Storage, exp_rel: str, state_key: str, trust: bool
                           f"wrote it ({why}), and Ray would unpickle it. Resume only results you wrote: give the "
                           f"search the key it ran with (${KEY_ENV}), pass trust_ray_state=true if you wrote these "
                           f"files yourself, or start a new experiment name")
+
+
+def check_rungs(value, where: str) -> None:
+    """`asha` in state/<dataset>.json: null, or per bracket a list of rungs, each {trial id: finite number}."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    ok = value is None or (isinstance(value, list) and all(
+        isinstance(bracket, list) and all(isinstance(rung, dict) and all(
+            isinstance(t, str) and number(v) for t, v in rung.items()) for rung in bracket) for bracket in value))
+    if not ok:
+        raise SearchError(f"{where}: asha={json.dumps(value)[:80]}: expected ASHA's saved rungs (per bracket a list "
+                          "of {trial id: number}) or null; the file was edited or damaged: restore it or delete the "
+                          "key to resume with empty rungs")
 
 
 def snapshot(db: Path) -> bytes:
