@@ -10,7 +10,9 @@ from diffmic.diffusion import SAMPLERS, USABLE_SCHEDULES
 from diffmic.errors import DiffmicError
 from diffmic.metrics import SCALAR_METRICS
 from diffmic.models.dcg import OUTPUT_STRIDES, ROI_MODES, cam_geometry
+from diffmic.models.build import KINDS
 from diffmic.models.diffmic import OUTPUTS
+from diffmic.models.diffmic_v2 import GUIDANCE, STARTS
 
 
 class ConfigError(DiffmicError, ValueError):
@@ -130,6 +132,16 @@ def validate_config(cfg: dict) -> None:
     c("train.mmd_weight", lambda v: v >= 0, "a weight >= 0 (0 turns the MMD terms off)")
     c("train.ce_weight", lambda v: v >= 0, "a weight >= 0 (0 turns the cross-entropy term off)")
     c("model.denoiser.output", lambda v: v in OUTPUTS, f"one of {', '.join(OUTPUTS)}")
+    c("model.kind", lambda v: v in KINDS, f"one of {', '.join(KINDS)} (model=diffmic | model=diffmic_v2)")
+    if cfg["model"]["kind"] == "diffmic_v2":  # v2's own knobs (configs/model/diffmic_v2.yaml)
+        c("model.denoiser.grid", lambda v: v is None or (_int(v) and 2 <= v <= 64),
+          "null (Np = model.dcg.roi_count, as the official code) or an integer in 2..64")
+        c("model.denoiser.guidance", lambda v: v in GUIDANCE, f"one of {', '.join(GUIDANCE)}")
+        c("model.denoiser.start", lambda v: v in STARTS, f"one of {', '.join(STARTS)}")
+        c("model.denoiser.focal_alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+          "a number >= 0 (0: the paper's plain noise MSE)")
+        c("model.denoiser.roi_encoder", lambda v: v is None or (isinstance(v, str) and v),
+          "null (the same as model.denoiser.encoder) or a timm model name")
     c("train.mmd_bandwidths", lambda v: len(v) > 0 and all(b > 0 for b in v), "a non-empty list of positive numbers")
     c("train.ema_decay", lambda v: 0 <= v < 1, "a value in [0, 1)")
     c("train.val_every", lambda v: _int(v) and v >= 1, "an integer >= 1")

@@ -9,8 +9,9 @@ import copy
 import yaml
 
 # (group, key path) -> the value every run written before the key existed used
-BEFORE_THE_KEY = {("model", "denoiser", "output"): "eps"}  # the ε head: the only kind there was then
-GROUPS = {"model": "model/diffmic.yaml", "diffusion": "diffusion/card.yaml"}  # what shapes a read-back model
+BEFORE_THE_KEY = {("model", "denoiser", "output"): "eps",  # the ε head: the only kind there was then
+                 ("model", "kind"): "diffmic"}  # DiffMIC-v2 came later
+GROUPS = {"model": "model/{kind}.yaml", "diffusion": "diffusion/card.yaml"}  # what shapes a read-back model
 
 
 def _merge(defaults: dict, given: dict) -> dict:
@@ -33,6 +34,12 @@ def complete(cfg: dict) -> dict:
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node.setdefault(path[-1], value)
+    kind = out["model"]["kind"]
+    if not isinstance(kind, str) or not kind.isidentifier():  # read from a file: never a path
+        raise ValueError(f"model.kind={kind!r}: expected a model name such as diffmic or diffmic_v2")
     for group, file in GROUPS.items():
-        out[group] = _merge(yaml.safe_load((CONFIG_DIR / file).read_text()) or {}, out.get(group) or {})
+        path = CONFIG_DIR / file.format(kind=kind)
+        if not path.is_file():
+            raise ValueError(f"model.kind={kind!r}: no configs/{file.format(kind=kind)} describes it")
+        out[group] = _merge(yaml.safe_load(path.read_text()) or {}, out.get(group) or {})
     return out

@@ -157,28 +157,3 @@ class DiffMIC(nn.Module):
         picked = probs.gather(2, mean.argmax(1).view(1, -1, 1).expand(num_samples, -1, 1)).squeeze(2)
         std = picked.std(0) if num_samples > 1 else torch.zeros_like(entropy)
         return Prediction(mean, priors.fused, entropy, std, y0, priors.logits)
-
-
-def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: bool = True) -> DiffMIC:
-    """The model described by the `model` and `diffusion` config sections (plain dicts).
-
-    `initial_weights=False` skips the pretrained / weights-file initialisation: for loading trained weights.
-    """
-    m, d = cfg["model"], cfg["diffusion"]
-    dcg_cfg, den_cfg = m["dcg"], m["denoiser"]
-
-    def init(c: dict) -> dict:
-        return {"pretrained": bool(c.get("pretrained")) and initial_weights,
-                "weights": c.get("weights") if initial_weights else None}
-
-    dcg = DCG(num_classes, image_size, backbone=dcg_cfg["backbone"], local_backbone=dcg_cfg["local_backbone"],
-              **init(dcg_cfg), output_stride=dcg_cfg["output_stride"], roi_count=dcg_cfg["roi_count"],
-              crop_size=dcg_cfg["crop_size"], top_t=dcg_cfg["top_t"],
-              roi_mode=dcg_cfg["roi_mode"], crop_channels=dcg_cfg["crop_channels"],
-              fusion_weight=dcg_cfg["fusion_weight"])
-    denoiser = Denoiser(num_classes, d["timesteps"], encoder=den_cfg["encoder"], feature_dim=den_cfg["feature_dim"],
-                        **init(den_cfg), embedding_bias=den_cfg["embedding_bias"])
-    schedule = NoiseSchedule(d["schedule"], d["timesteps"], d["beta_start"], d["beta_end"],
-                             beta_steps=d["beta_steps"])
-    # (a config read back from an older checkpoint or bundle is completed first: diffmic/defaults.py)
-    return DiffMIC(dcg, denoiser, schedule, num_classes, output=den_cfg["output"])
