@@ -32,6 +32,11 @@ def with_values(cfg: dict, values: dict) -> dict:
     """A copy of `cfg` with dotted keys set (what an override `key=value` does); each key must exist (a typo is an
     error naming the nearest key, never a silently added one)."""
     out = copy.deepcopy(cfg)
+    if "model.kind" in values and values["model.kind"] != out["model"]["kind"]:
+        # another model (a search over both): the keys it has and this config lacks come from its own YAML
+        from diffmic.defaults import complete
+        out["model"]["kind"] = values["model.kind"]
+        out = complete(out)
     for key, value in values.items():
         *parents, leaf = key.split(".")
         node = out

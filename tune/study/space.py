@@ -53,11 +53,13 @@ def get_key(cfg: dict, key: str) -> Any:
 
 
 def parse_space(space: dict, cfg: dict) -> list[Param]:
-    if not space:
+    if not space or all(spec is None for spec in space.values()):
         raise SearchError("search.space is empty: expected at least one parameter")
     params = []
     for name, spec in space.items():
         where = f"search.space.{name}"
+        if spec is None:  # `NAME: null` drops a parameter of the space it merges into (a model's own space does)
+            continue
         if not isinstance(spec, dict) or "key" not in spec:
             raise SearchError(f"{where}: expected {{key: CONFIG.KEY, <kind>: …}} with kind one of {', '.join(KINDS)}")
         kinds = [k for k in KINDS if k in spec]
