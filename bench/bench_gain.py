@@ -36,6 +36,10 @@ SETTINGS = {
     "eps+ce": ["model.denoiser.output=eps", "train.ce_weight=1.0"],
     "residual": ["model.denoiser.output=residual"],
     "residual+ce": ["model.denoiser.output=residual", "train.ce_weight=1.0"],
+    # DiffMIC-v2 (issue 25): as its official code (DDIM-10, focal weight, uniform start), and as its paper
+    "v2": ["model=diffmic_v2"],
+    "v2-paper": ["model=diffmic_v2", "model.denoiser.focal_alpha=0", "model.denoiser.start=gaussian",
+                 "model.denoiser.guidance=probs"],
 }
 METRICS = ("macro_f1", "accuracy", "auc")
 
