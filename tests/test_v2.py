@@ -149,6 +149,7 @@ def test_the_readout_is_the_mean_over_the_cells(v2, monkeypatch):
     assert torch.allclose(pred.samples[0], cells) and torch.allclose(pred.probs, torch.softmax(cells, 1))
 
 
+@pytest.mark.slow  # two epochs of training (make test-fast skips it)
 def test_v2_trains_evaluates_and_exports_through_the_engine(tmp_path):
     """The same training loop, checkpoint and bundle as DiffMIC; the bundle predicts with v2's DDIM-10."""
     import json
