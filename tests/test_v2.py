@@ -184,3 +184,20 @@ def test_a_search_of_v2_takes_its_own_space_and_one_study_can_hold_both():
     v2 = with_values(both, {"model.kind": "diffmic_v2"})  # a v2 trial of a v1-composed config: v2's keys filled
     validate_config(v2)
     assert v2["model"]["denoiser"]["focal_alpha"] == 10.0 and v2["model"]["dcg"] == both["model"]["dcg"]
+
+
+def test_the_report_compares_the_two_models_of_one_study():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from tune.pages.selection import models_section
+
+    summary = pd.DataFrame([{"model.kind": k, "val_macro_f1": v, "val_dcg_macro_f1": 0.5, "val_gain_macro_f1": v - 0.5}
+                            for k, v in (("diffmic", 0.6), ("diffmic", 0.7), ("diffmic_v2", 0.8))])
+    res = SimpleNamespace(trials=lambda d: summary, metric=lambda d: "val_macro_f1",
+                          searches={"d": {"mode": "max"}})
+    page = models_section(res, "d")
+    assert "DiffMIC against DiffMIC-v2" in page and "<td>diffmic_v2</td><td>1</td><td>0.8</td>" in page
+    assert "<td>diffmic</td><td>2</td><td>0.7</td><td>0.65</td>" in page
+    assert models_section(SimpleNamespace(**{**vars(res), "trials": lambda d: summary.iloc[:2]}), "d") == ""

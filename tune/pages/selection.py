@@ -9,6 +9,7 @@ from diffmic.metrics import HEAD_METRICS
 from tune.selection.points import COST
 from tune.record.results import Results
 from tune.pages.parts import TOP_K, esc, fmt, note, plot
+from diffmic.selection import ranked
 
 
 def pareto_section(res: Results, dataset: str) -> str:
@@ -117,4 +118,26 @@ def calibration_section(res: Results, dataset: str) -> str:
     return title + f"<div class=grid2><div>{plot(fig, 340)}</div><div>{table}</div></div>"
 
 
-SELECTION_SECTIONS = (gain_section, calibration_section, pareto_section, finalists_section)
+def models_section(res: Results, dataset: str) -> str:
+    """DiffMIC against DiffMIC-v2, when the search held both (a `model.kind` parameter): per model, its trials, the
+    best and the mean validation figure of the head and of its DCG, and the gain."""
+    trials = res.trials(dataset)
+    if "model.kind" not in trials or trials["model.kind"].nunique() < 2:
+        return ""
+    metric = res.metric(dataset)
+    dcg, gain = metric.replace("val_", "val_dcg_"), metric.replace("val_", "val_gain_")
+    rows = []
+    for kind, group in trials.groupby("model.kind", sort=True):
+        done = group[group[metric].notna()] if metric in group else group.iloc[0:0]
+        best = done.iloc[ranked(done.to_dict("records"), metric, res.searches[dataset]["mode"])[0]] if len(done) else None
+        cells = [kind, len(group), fmt(None if best is None else best[metric]), fmt(done[metric].mean()),
+                 fmt(done[dcg].mean() if dcg in done else None), fmt(done[gain].mean() if gain in done else None)]
+        rows.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
+    head = ["model", "trials", f"best {metric}", "mean", "its DCG, mean", "gain, mean"]
+    return (f"<h3>DiffMIC against DiffMIC-v2</h3><table class=small><tr class=sub>"
+            f"{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr>{''.join(rows)}</table>"
+            "<p class=note>Both models searched in one study (<code>model.kind</code>): validation figures at each "
+            "trial's best epoch, with its own sampler.</p>")
+
+
+SELECTION_SECTIONS = (gain_section, models_section, calibration_section, pareto_section, finalists_section)
