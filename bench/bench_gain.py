@@ -38,6 +38,9 @@ SETTINGS = {
     "residual+ce": ["model.denoiser.output=residual", "train.ce_weight=1.0"],
     # DiffMIC-v2 (issue 25): as its official code (DDIM-10, focal weight, uniform start), and as its paper
     "v2": ["model=diffmic_v2"],
+    # v2 with a DCG trained as long as v1's at the budget: jointly (v1's recipe), or pre-trained for as many epochs
+    "v2-joint": ["model=diffmic_v2", "train.joint_dcg=true"],
+    "v2-pre10": ["model=diffmic_v2", "train.dcg_pretrain_epochs=10"],
     "v2-paper": ["model=diffmic_v2", "model.denoiser.focal_alpha=0", "model.denoiser.start=gaussian",
                  "model.denoiser.guidance=probs"],
 }

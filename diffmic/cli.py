@@ -50,6 +50,24 @@ def to_plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
+# Hydra's own command-line flags that take a value (`--cfg job`, `-p model`): neither is an override
+HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
+
+
+def task_overrides(args: list[str]) -> list[str]:
+    """The overrides among a command line's arguments: Hydra's flags, their values and hydra.* keys dropped."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in HYDRA_VALUE_FLAGS:
+            skip = True
+        elif not a.startswith(("-", "hydra.", "hydra/")):
+            out.append(a)
+    return out
+
+
 def check_overrides(config_name: str, overrides: list[str], program: str) -> None:
     """Compose the config once before Hydra runs the command, so that a mistyped key, an unknown config group
     option or a malformed override is one line naming it (and the nearest valid one), not Hydra's page of text."""
@@ -63,7 +81,7 @@ def check_overrides(config_name: str, overrides: list[str], program: str) -> Non
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    task = [o for o in overrides if not o.startswith(("-", "hydra.", "hydra/"))]
+    task = task_overrides(overrides)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name=program):
         try:
             compose(config_name, overrides=task)

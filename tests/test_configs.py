@@ -57,3 +57,17 @@ def test_impossible_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as e:
         validate_config(compose([override]))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("program", [["-m", "diffmic.train"], ["tune/search.py"]])
+def test_print_config_flag(program):
+    """`--cfg job` (config.yaml and the README: "Print the composed config") prints the config; its value is not an
+    override for the one-line override check. Also shows v2's own defaults: DDIM-10 and a frozen DCG."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, *program, "model=diffmic_v2", "--cfg", "job"], capture_output=True,
+                       text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "kind: diffmic_v2" in r.stdout and "joint_dcg: false" in r.stdout, r.stdout[-1500:]

@@ -131,6 +131,31 @@ def test_the_loss_weights_each_image_by_the_dcg_confidence_in_its_label(v2, monk
     model.focal_alpha = 10.0
 
 
+def test_joint_dcg_adds_the_dcgs_ce_and_keeps_the_guidance_detached(v2):
+    """train.joint_dcg=true (not the official default): the DCG learns from its own CE, never from the noise loss."""
+    model, cfg = v2
+    model.train()
+    x = torch.randn(4, 3, cfg["dataset"]["image_size"], cfg["dataset"]["image_size"])
+    labels = torch.tensor([0, 1, 2, 3])
+    frozen = model(x, labels, generator=torch.Generator().manual_seed(3))
+    assert "dcg_ce" not in frozen
+    model.zero_grad()
+    frozen["loss"].backward()
+    assert all(p.grad is None for p in model.dcg.parameters())  # official: the noise loss never reaches the DCG
+    model.zero_grad()
+    joint = model(x, labels, joint_dcg=True, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(joint["loss"], frozen["loss"].detach() + joint["dcg_ce"], rtol=1e-5)
+    model.zero_grad()
+    ce_only = torch.nn.functional.cross_entropy(model.dcg(x).fused.float(), labels)
+    ce_only.backward()
+    expected = [p.grad.clone() for p in model.dcg.parameters() if p.grad is not None]
+    model.zero_grad()
+    model(x, labels, joint_dcg=True, generator=torch.Generator().manual_seed(3))["loss"].backward()
+    got = [p.grad for p in model.dcg.parameters() if p.grad is not None]
+    assert len(got) == len(expected) > 0 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
+    model.zero_grad()
+
+
 def test_the_readout_is_the_mean_over_the_cells(v2, monkeypatch):
     model, cfg = v2
     model.eval()

@@ -2,7 +2,7 @@
 heterologous diffusion over a C×Np×Np label map whose cells each get their own timestep, guided by a dense map M
 that runs from the global prior (diagonal) to the local prior (anti-corners), denoised by v1's time-gated network
 written as 1×1 convolutions over the cells and gated by a learnt mix of a global image embedding and the K ROI
-embeddings; trained on a confidence-weighted noise MSE with the DCG frozen; sampled by DDIM (10 steps in the
+embeddings; trained on a confidence-weighted noise MSE with the DCG frozen (`train.joint_dcg=false`); sampled by DDIM (10 steps in the
 official code), read out as the mean over the cells.
 
 Choices where the official code and the paper disagree (the spec's §11–13) are knobs, defaulting to the code:
@@ -128,12 +128,16 @@ class DiffMICv2(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor, phase: str = "diffusion", joint_dcg: bool = False,
                 mmd_weight: float = 0.0, mmd_bandwidths=(1.0,), guidance: str = "eval", ce_weight: float = 0.0,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """phase "dcg": the DCG's pre-training (CE on its fused logits). phase "diffusion": the DCG is frozen (v2
-        trains it beforehand and never again; `joint_dcg`, the MMD and CE terms are v1's and unused here)."""
+        """phase "dcg": the DCG's pre-training (CE on its fused logits). phase "diffusion": the guidance comes from
+        the DCG in eval mode without gradient (official). The official code freezes the DCG after pre-training
+        (`train.joint_dcg=false`, v2's default); `joint_dcg=true` keeps training it on its CE beside the noise loss,
+        v1's recipe, so that a short budget gives v2 a DCG trained as long as v1's (the guidance stays detached).
+        The MMD and CE-on-ŷ0 terms are v1's and unused here."""
         if phase == "dcg":
             ce = F.cross_entropy(self.dcg(x).fused.float(), labels)
             return {"loss": ce, "dcg_ce": ce.detach()}
         priors = self._frozen_priors(x)
+        dcg_ce = F.cross_entropy(self.dcg(x).fused.float(), labels) if joint_dcg else None
         guide, features = self.condition(x, priors)
         b, n = len(labels), self.grid
         y0 = F.one_hot(labels, self.num_classes).float()[:, :, None, None].expand(-1, -1, n, n)
@@ -147,7 +151,9 @@ class DiffMICv2(nn.Module):
         weight = 1 + self.focal_alpha * (1 - p_true)
         mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (weight * mse).mean()
-        return {"loss": loss, "mse": mse.mean().detach()}
+        if dcg_ce is None:
+            return {"loss": loss, "mse": mse.mean().detach()}
+        return {"loss": loss + dcg_ce, "mse": mse.mean().detach(), "dcg_ce": dcg_ce.detach()}
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, sampler: str = "official", steps: int | None = None, eta: float = 0.0,
