@@ -5,25 +5,11 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from diffmic.compat import ensure_torchvision_importable
+from diffmic.defaults import CONFIG_DIR  # noqa: F401  (the commands' config directory; defaults.py owns it)
 from diffmic.errors import DiffmicError
 from diffmic.secrets import redact
-
-
-
-def _config_dir() -> Path:
-    """The defaults: DIFFMIC_CONFIG_DIR if set, else the configs shipped in the installed package (a wheel puts the
-    checkout's configs/ there), else the checkout's configs/ (an editable install or a working copy)."""
-    if os.environ.get("DIFFMIC_CONFIG_DIR"):
-        return Path(os.environ["DIFFMIC_CONFIG_DIR"])
-    here = Path(__file__).resolve().parent
-    shipped = here / "configs"
-    return shipped if (shipped / "config.yaml").is_file() else here.parent / "configs"
-
-
-CONFIG_DIR = _config_dir()
 
 
 @contextmanager

@@ -5,8 +5,23 @@ runs did (BEFORE_THE_KEY), since the current YAML would describe another model."
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import yaml
+
+
+def _config_dir() -> Path:
+    """The defaults: DIFFMIC_CONFIG_DIR if set, else the configs shipped in the installed package (a wheel puts the
+    checkout's configs/ there), else the checkout's configs/ (an editable install or a working copy)."""
+    if os.environ.get("DIFFMIC_CONFIG_DIR"):
+        return Path(os.environ["DIFFMIC_CONFIG_DIR"])
+    here = Path(__file__).resolve().parent
+    shipped = here / "configs"
+    return shipped if (shipped / "config.yaml").is_file() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 # (group, key path) -> the value every run written before the key existed used
 BEFORE_THE_KEY = {("model", "denoiser", "output"): "eps",  # the ε head: the only kind there was then
@@ -26,8 +41,6 @@ def _merge(defaults: dict, given: dict) -> dict:
 
 def complete(cfg: dict) -> dict:
     """`cfg` with every key of the model-shaping groups it lacks filled (BEFORE_THE_KEY first, then configs/)."""
-    from diffmic.cli import CONFIG_DIR
-
     out = copy.deepcopy(cfg)
     for path, value in BEFORE_THE_KEY.items():
         node = out
