@@ -673,11 +673,11 @@ def test_a_search_survives_the_loss_of_its_head(s3_server, s3_bucket, tmp_path):
     credentials). The job succeeds,
     every trial is in the summary with distinct configurations, no (trial, epoch) is in the history twice, and the
     study in storage holds every trial."""
-    trials = 4
+    trials = 3  # one finishes on the first head, two on the second
     cmd = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--runtime-env-json",
            json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--", "python", "tune/search.py",
            "experiment=hl", f"search.num_samples={trials}", "storage=s3", f"storage.uri=s3://{s3_bucket}/exp",
-           *tiny("train.epochs=3")]
+           *tiny("train.epochs=2")]
     client, study_key = s3_server.client(), "exp/hl/optuna/synthetic.db"
     heads = [Path(tempfile.mkdtemp(prefix="rh", dir="/tmp")) for _ in range(2)]
 
@@ -1016,10 +1016,11 @@ def test_asha_stops_a_trial_early(ray_tmp, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("metric,mode", [("val_accuracy", "max"), ("val_ece", "min")])
+@pytest.mark.parametrize("metric,mode", [("val_ece", "min")])
 def test_the_exported_weights_are_those_of_the_epoch_the_search_reports(ray_tmp, tmp_path, metric, mode):
     """One selection rule: the epoch a search reports (summary, best row) is the epoch whose weights it exports, for a
-    metric other than the default and for a minimised one."""
+    metric other than the default that is minimised (the maximised default is every other search's case; the rule's
+    max and min are unit-tested in test_selection_rule.py)."""
     from safetensors.torch import load_file
 
     from diffmic.checkpoint import evaluation_weights, load_state
