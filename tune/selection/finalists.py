@@ -58,8 +58,10 @@ def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | No
     """(finalists.csv rows of the dataset, the selected run as a summary-like row, {val_<m>_mean, val_<m>_sd} of the
     selected configuration). Nothing when the search has no finalists to confirm."""
     from diffmic.config import split_seed, with_values
+    from diffmic.data import build_splits
+    from diffmic.remote import localize
     from diffmic.secrets import redact_config
-    from tune.train.distributed import build_trainer
+    from tune.train.distributed import build_trainer, write_splits
     from tune.study.runner import max_concurrent
     from tune.storage import open_storage
 
@@ -74,12 +76,16 @@ def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | No
     pinned = {"dataset.split_seed": split_seed(search.cfg)}
     storage = open_storage(search.storage.join(search.record.finalists_key(search.dataset)), check=False)
     runs = plan_runs(configs, s["repeats"], int(search.cfg["seed"]), s["repeat_mode"])
+    local = localize(search.cfg)  # s3:// data into this node's cache (already there: the plan read it)
     print(f"[search] {search.dataset}: confirming {len(configs)} finalists x {s['repeats']} repeats "
           f"({s['repeat_mode']})", flush=True)
 
     def train(run: dict) -> dict:
         cfg = with_values(base, {**run["params"], **pinned, "seed": run["seed"],
                                  "dataset.val_carve": run["val_carve"]})
+        if run["val_carve"]:  # a folds repeat validates on a carve of its own: its membership beside the run
+            carve = {**local["dataset"], "val_carve": run["val_carve"]}
+            write_splits(storage, run["name"], build_splits(carve, seed=split_seed(cfg)).membership)
         result = build_trainer(cfg, storage, name=run["name"]).fit()
         if result.error:
             raise result.error

@@ -255,6 +255,13 @@ def build_trainer(cfg: dict, storage, name: str, callbacks: list | None = None) 
     )
 
 
+def write_splits(storage, name: str, membership: list[dict]) -> None:
+    """<name>/splits.csv beside a run: the membership (image, group, split, carve) its workers build from its seed."""
+    if membership:
+        import pandas as pd
+        storage.write_text(f"{name}/{SPLITS_FILE}", pd.DataFrame(membership).to_csv(index=False))
+
+
 def fit(cfg: dict) -> dict:
     """`diffmic.train` through Ray Train: checks storage first, then trains; results land in storage."""
     from tune.storage import open_storage
@@ -277,9 +284,7 @@ def fit(cfg: dict) -> dict:
     # the split every worker builds from the same seed is written beside the run, as a local run writes it.
     membership = build_splits(local["dataset"], seed=split_seed(cfg)).membership
     init_ray(cfg)
-    if membership:
-        import pandas as pd
-        storage.write_text(f"{name}/{SPLITS_FILE}", pd.DataFrame(membership).to_csv(index=False))
+    write_splits(storage, name, membership)
     result = build_trainer(cfg, storage, name).fit()
     if result.error:
         raise result.error
