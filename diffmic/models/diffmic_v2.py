@@ -2,8 +2,8 @@
 heterologous diffusion over a C×Np×Np label map whose cells each get their own timestep, guided by a dense map M
 that runs from the global prior (diagonal) to the local prior (anti-corners), denoised by v1's time-gated network
 written as 1×1 convolutions over the cells and gated by a learnt mix of a global image embedding and the K ROI
-embeddings; trained on a confidence-weighted noise MSE with the DCG frozen (`train.joint_dcg=false`); sampled by DDIM (10 steps in the
-official code), read out as the mean over the cells.
+embeddings; trained on a confidence-weighted noise MSE with the DCG frozen (`train.joint_dcg=false`); sampled by
+DDIM (10 steps in the official code), read out as the mean over the cells.
 
 Choices where the official code and the paper disagree (the spec's §11–13) are knobs, defaulting to the code:
 M from the DCG's logits (`guidance: logits`; the paper: probabilities), y_T drawn as the M-construction of two
