@@ -76,7 +76,6 @@ def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | No
     pinned = {"dataset.split_seed": split_seed(search.cfg)}
     storage = open_storage(search.storage.join(search.record.finalists_key(search.dataset)), check=False)
     runs = plan_runs(configs, s["repeats"], int(search.cfg["seed"]), s["repeat_mode"])
-    local = localize(search.cfg)  # s3:// data into this node's cache (already there: the plan read it)
     print(f"[search] {search.dataset}: confirming {len(configs)} finalists x {s['repeats']} repeats "
           f"({s['repeat_mode']})", flush=True)
 
@@ -84,8 +83,8 @@ def confirm(search, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | No
         cfg = with_values(base, {**run["params"], **pinned, "seed": run["seed"],
                                  "dataset.val_carve": run["val_carve"]})
         if run["val_carve"]:  # a folds repeat validates on a carve of its own: its membership beside the run
-            carve = {**local["dataset"], "val_carve": run["val_carve"]}
-            write_splits(storage, run["name"], build_splits(carve, seed=split_seed(cfg)).membership)
+            local = localize(cfg)["dataset"]  # s3:// data: already in this node's cache (the plan read it)
+            write_splits(storage, run["name"], build_splits(local, seed=split_seed(cfg)).membership)
         result = build_trainer(cfg, storage, name=run["name"]).fit()
         if result.error:
             raise result.error
