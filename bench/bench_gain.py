@@ -41,6 +41,9 @@ SETTINGS = {
     # v2 with a DCG trained as long as v1's at the budget: jointly (v1's recipe), or pre-trained for as many epochs
     "v2-joint": ["model=diffmic_v2", "train.joint_dcg=true"],
     "v2-pre10": ["model=diffmic_v2", "train.dcg_pretrain_epochs=10"],
+    # v2 with v1's fix: a residual head on the prior map (ŷ0 = P + r), official otherwise; and as the default
+    "v2-eps": ["model=diffmic_v2", "model.denoiser.output=eps"],
+    "v2-residual": ["model=diffmic_v2", "model.denoiser.output=residual"],
     "v2-paper": ["model=diffmic_v2", "model.denoiser.focal_alpha=0", "model.denoiser.start=gaussian",
                  "model.denoiser.guidance=probs"],
 }

@@ -106,9 +106,47 @@ def test_cells_never_interact_and_time_is_per_cell():
 @pytest.fixture(scope="module")
 def v2():
     from diffmic.models import build_model
-    cfg = compose([*TINY, "model=diffmic_v2", "model.dcg.pretrained=false", "diffusion.timesteps=1000"])
+    cfg = compose([*TINY, "model=diffmic_v2", "model.dcg.pretrained=false", "diffusion.timesteps=1000",
+                   "model.denoiser.output=eps"])  # the official noise head, whose equations the tests below check
     torch.manual_seed(0)
     return build_model(cfg, 4, cfg["dataset"]["image_size"]), cfg
+
+
+@pytest.fixture(scope="module")
+def v2_residual():
+    from diffmic.models import build_model
+    cfg = compose([*TINY, "model=diffmic_v2", "model.dcg.pretrained=false", "diffusion.timesteps=1000",
+                   "model.denoiser.output=residual"])
+    torch.manual_seed(0)
+    return build_model(cfg, 4, cfg["dataset"]["image_size"]), cfg
+
+
+def test_an_untrained_residual_head_ends_every_chain_on_the_prior_map(v2_residual):
+    """ŷ0 = P + r with r = 0 at the start: DDIM (any steps, eta 0) lands on P, the probability-space guidance map,
+    whose mean over the cells mixes the DCG's global and local priors."""
+    model, cfg = v2_residual
+    model.eval()
+    x = torch.randn(3, 3, cfg["dataset"]["image_size"], cfg["dataset"]["image_size"])
+    priors = model.priors(x)
+    expected = guidance_map(priors.global_, priors.local, model.grid).mean(dim=(2, 3))
+    for steps in (10, 3):
+        pred = model.predict(x, sampler="ddim", steps=steps, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(pred.samples[0], expected, atol=1e-5)
+
+
+def test_the_residual_loss_is_the_weighted_mse_of_y0_against_the_one_hot_map(v2_residual, monkeypatch):
+    model, cfg = v2_residual
+    model.train()
+    x = torch.randn(4, 3, cfg["dataset"]["image_size"], cfg["dataset"]["image_size"])
+    labels = torch.tensor([0, 1, 2, 3])
+    r = torch.full((4, 4, model.grid, model.grid), 0.25)
+    monkeypatch.setattr(model.denoiser, "forward", lambda f, y_t, m, t: r)
+    priors = model._frozen_priors(x)
+    p_map = guidance_map(priors.global_, priors.local, model.grid)
+    y0 = torch.eye(4)[labels][:, :, None, None]
+    w = 1 + model.focal_alpha * (1 - priors.fused.gather(1, labels[:, None]).squeeze(1))
+    expected = (w * ((p_map + r - y0) ** 2).mean(dim=(1, 2, 3))).mean()
+    assert torch.allclose(model(x, labels, generator=torch.Generator().manual_seed(3))["loss"], expected, rtol=1e-5)
 
 
 def test_the_loss_weights_each_image_by_the_dcg_confidence_in_its_label(v2, monkeypatch):

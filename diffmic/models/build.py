@@ -41,7 +41,7 @@ def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: b
                               **init(den_cfg))
         return DiffMICv2(dcg, denoiser, schedule, num_classes, grid=grid, guidance=den_cfg["guidance"],
                          start=den_cfg["start"], focal_alpha=float(den_cfg["focal_alpha"]),
-                         crop_channels=dcg_cfg["crop_channels"])
+                         crop_channels=dcg_cfg["crop_channels"], output=den_cfg["output"])
     denoiser = Denoiser(num_classes, d["timesteps"], encoder=den_cfg["encoder"], feature_dim=den_cfg["feature_dim"],
                         **init(den_cfg), embedding_bias=den_cfg["embedding_bias"])
     # (a config read back from an older checkpoint or bundle is completed first: diffmic/defaults.py)

@@ -23,6 +23,7 @@ from diffmic.models.dcg import DCG, crop_rois
 from diffmic.models.diffmic import Prediction, Priors
 
 GUIDANCE = ("logits", "probs")
+OUTPUTS_V2 = ("eps", "residual")
 STARTS = ("uniform", "gaussian")
 SAMPLERS_V2 = ("official", "ddim", "ddpm", "dcg")
 OFFICIAL_STEPS = 10  # the official code's DDIM: 10 of 1000 steps (900, 800, …, 0), eta 0
@@ -88,15 +89,25 @@ class DenoiserV2(nn.Module):
 
 
 class DiffMICv2(nn.Module):
+    """`output` says what the denoiser's last layer means, as for DiffMIC: "eps" (the official code and paper) the
+    noise of every cell, trained by the confidence-weighted noise MSE; "residual" a correction r to the prior map P
+    (the guidance map built from the DCG's global and local probabilities), ŷ0 = P + r, trained by the same
+    weighting of the MSE of ŷ0 against the one-hot map; ε̂ = (y_t − √ᾱ_t·ŷ0)/√(1−ᾱ_t) follows from the forward
+    process, so DDIM runs unchanged. Its last layer starts at zero: an untrained residual head ends every chain on
+    P, read out as a mix of the DCG's two priors, and training only learns where the image says they are wrong."""
+
     def __init__(self, dcg: DCG, denoiser: DenoiserV2, schedule: NoiseSchedule, num_classes: int, *, grid: int,
-                 guidance: str, start: str, focal_alpha: float, crop_channels: str):
+                 guidance: str, start: str, focal_alpha: float, crop_channels: str, output: str = "eps"):
         super().__init__()
-        if guidance not in GUIDANCE or start not in STARTS:
-            raise ValueError(f"model.denoiser.guidance={guidance!r}, start={start!r}: expected one of "
-                             f"{GUIDANCE} and one of {STARTS}")
+        if guidance not in GUIDANCE or start not in STARTS or output not in OUTPUTS_V2:
+            raise ValueError(f"model.denoiser.guidance={guidance!r}, start={start!r}, output={output!r}: expected "
+                             f"one of {GUIDANCE}, one of {STARTS} and one of {OUTPUTS_V2}")
         self.dcg, self.denoiser, self.schedule, self.num_classes = dcg, denoiser, schedule, num_classes
         self.grid, self.guidance, self.start, self.focal_alpha = grid, guidance, start, focal_alpha
-        self.crop_channels = crop_channels
+        self.crop_channels, self.output = crop_channels, output
+        if output == "residual":
+            nn.init.zeros_(denoiser.out.weight)
+            nn.init.zeros_(denoiser.out.bias)
 
     def _apply(self, fn, recurse=True):  # keep the (non-module) schedule on the module's device
         super()._apply(fn, recurse)
@@ -116,6 +127,10 @@ class DiffMICv2(nn.Module):
         if self.crop_channels == "red":
             crops = crops[:, :, :1]
         return guidance_map(g, l, self.grid), self.denoiser.encode(x, crops).float()
+
+    def prior_map(self, priors: Priors) -> torch.Tensor:
+        """P, the residual head's starting point: the guidance map in probability space, whatever M is built from."""
+        return guidance_map(priors.global_, priors.local, self.grid)
 
     def _frozen_priors(self, x: torch.Tensor) -> Priors:
         was = self.dcg.training
@@ -146,10 +161,13 @@ class DiffMICv2(nn.Module):
         noise = torch.randn(y0.shape, generator=generator, device="cpu" if generator is not None else x.device)
         noise = noise.to(x.device)
         y_t = q_sample(self.schedule, y0, t, noise)
-        eps = self.denoiser(features, y_t, guide, t).float()
+        out = self.denoiser(features, y_t, guide, t).float()
         p_true = priors.fused.gather(1, labels[:, None]).squeeze(1)
         weight = 1 + self.focal_alpha * (1 - p_true)
-        mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
+        if self.output == "residual":  # the MSE of ŷ0 = P + r against the one-hot map, every t alike
+            mse = ((self.prior_map(priors) + out - y0) ** 2).mean(dim=(1, 2, 3))
+        else:
+            mse = ((out - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (weight * mse).mean()
         if dcg_ce is None:
             return {"loss": loss, "mse": mse.mean().detach()}
@@ -172,11 +190,16 @@ class DiffMICv2(nn.Module):
             steps, eta = ((OFFICIAL_STEPS, 0.0) if sampler == "official" else
                           (self.schedule.timesteps, 1.0) if sampler == "ddpm" else (steps or OFFICIAL_STEPS, eta))
             guide, features = guide.repeat(num_samples, 1, 1, 1), features.repeat(num_samples, 1)
+            base = self.prior_map(priors).repeat(num_samples, 1, 1, 1)
             y_T = self.start_sample(guide.shape, generator, x.device)
 
             def eps_fn(y_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 cells = t.view(-1, 1, 1).expand(-1, self.grid, self.grid)  # one t for every cell at inference
-                return self.denoiser(features, y_t.to(features.dtype), guide.to(features.dtype), cells).float()
+                out = self.denoiser(features, y_t.to(features.dtype), guide.to(features.dtype), cells).float()
+                if self.output == "eps":
+                    return out
+                ab = self.schedule.alphas_cumprod.to(y_t.device)[t].view(-1, 1, 1, 1).float()
+                return (y_t.float() - ab.sqrt() * (base + out)) / (1 - ab).sqrt()
 
             y0 = ddim(self.schedule, eps_fn, y_T, steps, eta, generator)
             scores = y0.mean(dim=(2, 3)).view(num_samples, len(x), -1)
