@@ -44,7 +44,6 @@ SETTINGS = {
     # v2 with v1's fix: a residual head on the prior map (ŷ0 = P + r), official otherwise; and as the default
     "v2-eps": ["model=diffmic_v2", "model.denoiser.output=eps"],
     "v2-residual": ["model=diffmic_v2", "model.denoiser.output=residual"],
-    "v2-residual-gate0": ["model=diffmic_v2", "model.denoiser.output=residual", "model.denoiser.embedding_bias=0"],
     "v2-paper": ["model=diffmic_v2", "model.denoiser.focal_alpha=0", "model.denoiser.start=gaussian",
                  "model.denoiser.guidance=probs"],
 }

@@ -37,7 +37,7 @@ def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: b
         grid = den_cfg["grid"] or dcg_cfg["roi_count"]  # null: Np = K, as the official code ties them
         denoiser = DenoiserV2(num_classes, d["timesteps"], dcg_cfg["roi_count"], encoder=den_cfg["encoder"],
                               roi_encoder=den_cfg["roi_encoder"] or den_cfg["encoder"],
-                              feature_dim=den_cfg["feature_dim"], embedding_bias=den_cfg["embedding_bias"],
+                              feature_dim=den_cfg["feature_dim"],
                               **init(den_cfg))
         return DiffMICv2(dcg, denoiser, schedule, num_classes, grid=grid, guidance=den_cfg["guidance"],
                          start=den_cfg["start"], focal_alpha=float(den_cfg["focal_alpha"]),

@@ -53,7 +53,7 @@ class DenoiserV2(nn.Module):
     """ε̂(M, y_t, F, t) over the cells; F = Σ_k softmax(Q)_k ⊙ [f_global(x), f_roi(crop_1..K)]_k (Eq. 6)."""
 
     def __init__(self, num_classes: int, timesteps: int, roi_count: int, *, encoder: str, roi_encoder: str,
-                 feature_dim: int, pretrained: bool, weights: str | None, embedding_bias: float = 0.0):
+                 feature_dim: int, pretrained: bool, weights: str | None):
         super().__init__()
         self.encoder = create_backbone(encoder, pooled=True, pretrained=pretrained, weights=weights,
                                        stream="denoiser")
@@ -61,10 +61,6 @@ class DenoiserV2(nn.Module):
         self.project = nn.Sequential(nn.Linear(self.encoder.num_features, feature_dim), nn.BatchNorm1d(feature_dim))
         self.roi_project = nn.Sequential(nn.Linear(self.roi_encoder.num_features, feature_dim),
                                          nn.BatchNorm1d(feature_dim))
-        # F gates the label path multiplicatively, as v1's f(x): a BN bias of 0 (official) closes the gate on average;
-        # `embedding_bias` opens it from the start, as v1's budget=cpu does
-        for bn in (self.project[1], self.roi_project[1]):
-            nn.init.constant_(bn.bias, embedding_bias)
         self.mix = nn.Parameter(torch.randn(1, feature_dim, roi_count + 1))  # Q, softmax over the K + 1 sources
         self.c1 = CellConv(2 * num_classes, feature_dim, timesteps)
         self.c2 = CellConv(feature_dim, feature_dim, timesteps)
