@@ -36,15 +36,15 @@ SETTINGS = {
     "eps+ce": ["model.denoiser.output=eps", "train.ce_weight=1.0"],
     "residual": ["model.denoiser.output=residual"],
     "residual+ce": ["model.denoiser.output=residual", "train.ce_weight=1.0"],
-    # DiffMIC-v2 (issue 25): as its official code (DDIM-10, focal weight, uniform start), and as its paper
-    "v2": ["model=diffmic_v2"],
+    # DiffMIC-v2 (issue 25): as its official code (DDIM-10, focal weight, uniform start, the noise head), and as its
+    # paper
+    "v2": ["model=diffmic_v2", "model.denoiser.output=eps"],
     # v2 with a DCG trained as long as v1's at the budget: jointly (v1's recipe), or pre-trained for as many epochs
-    "v2-joint": ["model=diffmic_v2", "train.joint_dcg=true"],
-    "v2-pre10": ["model=diffmic_v2", "train.dcg_pretrain_epochs=10"],
-    # v2 with v1's fix: a residual head on the prior map (ŷ0 = P + r), official otherwise; and as the default
-    "v2-eps": ["model=diffmic_v2", "model.denoiser.output=eps"],
+    "v2-joint": ["model=diffmic_v2", "model.denoiser.output=eps", "train.joint_dcg=true"],
+    "v2-pre10": ["model=diffmic_v2", "model.denoiser.output=eps", "train.dcg_pretrain_epochs=10"],
+    # v2 with v1's fix, its default since: a residual head on the prior map (ŷ0 = P + r), official otherwise
     "v2-residual": ["model=diffmic_v2", "model.denoiser.output=residual"],
-    "v2-paper": ["model=diffmic_v2", "model.denoiser.focal_alpha=0", "model.denoiser.start=gaussian",
+    "v2-paper": ["model=diffmic_v2", "model.denoiser.output=eps", "model.denoiser.focal_alpha=0", "model.denoiser.start=gaussian",
                  "model.denoiser.guidance=probs"],
 }
 METRICS = ("macro_f1", "accuracy", "auc")
