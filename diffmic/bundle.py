@@ -67,7 +67,8 @@ def sha256(path: Path) -> str:
 
 def library_versions() -> dict[str, str]:
     import numpy
-    import timm
+    from diffmic.compat import import_timm
+    timm = import_timm()
 
     import diffmic
     return {"diffmic": diffmic.__version__, "torch": torch.__version__, "timm": timm.__version__,

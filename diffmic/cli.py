@@ -6,7 +6,6 @@ import sys
 import time
 from contextlib import contextmanager
 
-from diffmic.compat import ensure_torchvision_importable
 from diffmic.defaults import CONFIG_DIR  # noqa: F401  (the commands' config directory; defaults.py owns it)
 from diffmic.errors import DiffmicError
 from diffmic.secrets import redact
@@ -16,8 +15,8 @@ from diffmic.secrets import redact
 def one_line_errors(program: str):
     """Print `program: error: …` and exit 2 on bad input; DIFFMIC_DEBUG=1 shows the traceback instead.
 
-    Every command line starts here, so this is also where the process gets the torchvision fix (diffmic.compat)."""
-    ensure_torchvision_importable()
+    (The torchvision fix of diffmic.compat is applied where timm is first imported, not here: a command that stops on
+    bad input imports neither torch nor timm.)"""
     try:
         yield
     except (ValueError, FileNotFoundError, DiffmicError) as e:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 _FRAGMENT: torch.library.Library | None = None  # kept alive for the process: dropping it unregisters the schemas
+_CHECKED = False
 
 
 def _torchvision_ops_load() -> bool:
@@ -30,9 +31,20 @@ def _torchvision_ops_load() -> bool:
 
 
 def ensure_torchvision_importable() -> None:
-    global _FRAGMENT
-    if _FRAGMENT is not None or _torchvision_ops_load():
+    global _FRAGMENT, _CHECKED
+    if _CHECKED:
+        return
+    _CHECKED = True
+    if _torchvision_ops_load():
         return
     _FRAGMENT = torch.library.Library("torchvision", "FRAGMENT")
     for op in ("nms", "qnms"):
         _FRAGMENT.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+def import_timm():
+    """timm, with the fix above applied first: every use of timm in the core goes through here, so a command line
+    needs neither torch nor timm until it builds a model (bad input stops before either is imported)."""
+    ensure_torchvision_importable()
+    import timm
+    return timm

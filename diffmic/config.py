@@ -6,13 +6,10 @@ import copy
 import difflib
 import re
 
-from diffmic.diffusion import SAMPLERS, USABLE_SCHEDULES
+from diffmic.choices import (GUIDANCE, KINDS, OUTPUT_STRIDES, OUTPUTS, ROI_MODES, SAMPLERS, STARTS, USABLE_SCHEDULES,
+                             cam_geometry)
 from diffmic.errors import DiffmicError
 from diffmic.metrics import SCALAR_METRICS
-from diffmic.models.dcg import OUTPUT_STRIDES, ROI_MODES, cam_geometry
-from diffmic.models.build import KINDS
-from diffmic.models.diffmic import OUTPUTS
-from diffmic.models.diffmic_v2 import GUIDANCE, STARTS
 
 
 class ConfigError(DiffmicError, ValueError):

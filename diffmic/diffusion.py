@@ -17,12 +17,7 @@ from typing import Callable
 
 import torch
 
-SCHEDULES = ("linear", "const", "quad", "jsd", "sigmoid", "cosine", "cosine_reverse", "cosine_anneal")
-# jsd's last β is 1: ᾱ = 0 at t = T and the first reverse step divides by it (NaN). Kept for parity, never run.
-USABLE_SCHEDULES = tuple(s for s in SCHEDULES if s != "jsd")
-# "dcg" runs no chain: the read-out is the DCG's fused prior alone (zero denoiser calls), the control point every
-# search measures beside the chains so that the diffusion head's gain over its own guidance is always on the table.
-SAMPLERS = ("official", "ddpm", "ddim", "dcg")
+from diffmic.choices import SAMPLERS, SCHEDULES, USABLE_SCHEDULES
 
 # eps_fn(y_t, prior, t) -> predicted noise; t is a LongTensor of shape (N,)
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

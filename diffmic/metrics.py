@@ -4,8 +4,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
-                             recall_score, roc_auc_score)
+
+# sklearn is imported where a metric is computed, not here: config validation reads the names below, and every
+# command line that stops on bad input would otherwise spend ~2 s importing it first.
 
 # The figures every evaluation reports for the diffusion head, for its own DCG alone (`dcg_<metric>`, same split and
 # rule, the DCG's own fitted temperature) and for the difference (`gain_<metric>` = head − DCG; for ECE a negative
@@ -70,6 +71,8 @@ def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = BINS) -> dict
 
 def one_vs_rest_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     """Macro one-vs-rest AUC over the classes present in `labels` (NaN when fewer than two are present)."""
+    from sklearn.metrics import roc_auc_score
+
     present = np.unique(labels)
     if len(present) < 2:
         return float("nan")
@@ -81,6 +84,9 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.
                            ordinal: bool = False) -> dict:
     """Scalar metrics plus per-class recall and the confusion matrix (rows = true class); with `dcg_probs`, the same
     scalars of the DCG alone (`dcg_*`) and the head's gain over it (`gain_*`)."""
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix,
+                                 f1_score, recall_score)
+
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     num_classes = probs.shape[1]
     predicted = probs.argmax(1)

@@ -24,7 +24,7 @@ import diffmic
 from diffmic.bundle import MANIFEST, META, Bundle, BundleError, load_bundle, verify_bundle
 from diffmic.cli import Progress, one_line_errors
 from diffmic.data import DataError, eval_transform, load_image
-from diffmic.diffusion import SAMPLERS
+from diffmic.choices import SAMPLERS
 from diffmic.explain import explanations_from, overlay_png
 from diffmic.models import Prediction
 from diffmic.remote import fetch, is_remote

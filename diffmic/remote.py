@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffmic.errors import DiffmicError
-from diffmic.weights import STREAMS
+from diffmic.choices import STREAMS
 
 GROUP = "diffmic"
 

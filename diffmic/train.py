@@ -14,13 +14,14 @@ from diffmic.cli import CONFIG_DIR, check_overrides, one_line_errors, to_plain
 def run(cfg: dict) -> dict:
     """Run one configuration; returns {"val": …, "test": …} metrics."""
     from diffmic.config import validate_config
+
+    validate_config(cfg)  # before torch is imported: a typo costs a fraction of a second
     from diffmic.engine import train
+    from diffmic.models.backbone import check_weights_fit
     from diffmic.remote import localize, plugin
     from diffmic.session import LocalSession
-    from diffmic.models.backbone import check_weights_fit
     from diffmic.weights import check_pretrained
 
-    validate_config(cfg)
     if cfg["scaling"]["num_workers"] >= 1:
         return plugin("fit", "scaling.num_workers >= 1 (training through Ray Train)")(cfg)
     cfg = localize(cfg)  # remote data or weights (s3://…) into this node's cache

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from diffmic.choices import STREAMS
 from diffmic.errors import DiffmicError
 
 PAPER_DCG_BACKBONE = "resnet50.tv_in1k"
-STREAMS = ("dcg", "denoiser")
 
 
 class WeightsError(DiffmicError, ValueError):
@@ -53,7 +53,8 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def hub_model(name: str, stream: str = "dcg", **kwargs) -> torch.nn.Module:
     """timm's model `name` with its hub weights (downloaded once into the hub cache), or WeightsError."""
-    import timm
+    from diffmic.compat import import_timm
+    timm = import_timm()
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except RuntimeError as e:  # timm's word for an unknown model name

@@ -131,3 +131,19 @@ def test_the_package_list_names_every_package():
     found = {".".join(p.parent.relative_to(root).parts) for pkg in ("diffmic", "tune")
              for p in (root / pkg).rglob("__init__.py")}
     assert found | {"diffmic.configs"} == listed
+
+
+def test_the_command_lines_check_their_input_before_importing_torch_ray_or_sklearn():
+    """What runs before a bad value is answered (config composition and checks, the search's plan up to its checks)
+    imports none of the heavy libraries: a typo costs a user about a second, not the seconds of importing them."""
+    code = ("import sys\n"
+            "import diffmic.cli, diffmic.config, diffmic.train, tune.cli.search, tune.study.plan, tune.study.checks\n"
+            "print(sorted(m for m in ('torch', 'ray', 'sklearn', 'timm', 'pandas', 'boto3') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout
+    r = subprocess.run([sys.executable, "-m", "diffmic.train", "train.lrr=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**__import__("os").environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert "did you mean train.lr?" in r.stderr
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "ray", "sklearn", "timm"}, sorted(imported & {"torch", "ray", "sklearn", "timm"})

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffmic.diffusion import SCHEDULES, NoiseSchedule, antithetic_timesteps, make_beta_schedule, sample
+from diffmic.choices import SCHEDULES
+from diffmic.diffusion import NoiseSchedule, antithetic_timesteps, make_beta_schedule, sample
 
 DATA = Path(__file__).parent / "data"
 F64 = dict(rtol=1e-9, atol=1e-12)

@@ -24,7 +24,7 @@ from diffmic.config import validate_config
 from diffmic.diffusion import NoiseSchedule, sample
 from diffmic.engine import learning_rate, warmup_epochs
 from diffmic.models import DCG, build_model
-from diffmic.models.dcg import CamGeometry, cam_geometry
+from diffmic.choices import CamGeometry, cam_geometry
 from diffmic.predict import main as predict_main
 from diffmic.weights import WeightsError, check_pretrained
 from helpers import compose, dcg_knobs

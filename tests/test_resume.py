@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tune.study.resume import KEY_ENV, ResumableASHA, SearchState, signing_key, verify_ray_state
+from tune.study.resume import KEY_ENV, signing_key, verify_ray_state
+from tune.study.resume_hooks import ResumableASHA, SearchState
 from tune.study.space import SearchError
 from tune.storage import open_storage
 

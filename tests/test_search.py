@@ -443,7 +443,7 @@ def test_the_study_copy_holds_every_trial_the_saved_searcher_names(search_cfg, t
     head resuming from the copy fails with "Record does not exist" (seen in CI)."""
     from contextlib import closing
 
-    from tune.study.resume import SearchState
+    from tune.study.resume_hooks import SearchState
     from tune.study.dataset import DatasetSearch
     from tune.study.runner import optuna_searcher
     from tune.study.space import parse_space, tune_space

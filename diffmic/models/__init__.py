@@ -1,6 +1,7 @@
 from diffmic.models.dcg import DCG, DCGOutput, crop_rois, select_rois
 from diffmic.models.denoiser import Denoiser
-from diffmic.models.build import KINDS, build_model
+from diffmic.choices import KINDS
+from diffmic.models.build import build_model
 from diffmic.models.diffmic import DiffMIC, Prediction, Priors
 from diffmic.models.diffmic_v2 import DiffMICv2
 

@@ -33,7 +33,8 @@ def create_backbone(name: str, *, pooled: bool, pretrained: bool = False, weight
         kwargs["output_stride"] = output_stride
     if pretrained and not weights:
         return hub_model(name, stream, **kwargs)
-    import timm
+    from diffmic.compat import import_timm
+    timm = import_timm()
 
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from diffmic.choices import KINDS
 from diffmic.diffusion import NoiseSchedule
 from diffmic.models.dcg import DCG
 from diffmic.models.denoiser import Denoiser
 from diffmic.models.diffmic import DiffMIC
 from diffmic.models.diffmic_v2 import DenoiserV2, DiffMICv2
 
-KINDS = ("diffmic", "diffmic_v2")
 
 
 def build_model(cfg: dict, num_classes: int, image_size: int, initial_weights: bool = True) -> nn.Module:

@@ -13,36 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffmic.choices import ROI_MODES, cam_geometry
 from diffmic.models.backbone import create_backbone
-
-ROI_MODES = ("distinct", "official")
-OUTPUT_STRIDES = (32, 16, 8)  # what timm's ResNets offer (dilation below 32)
-MIN_GRID = 3  # an automatic stride keeps at least a 3x3 CAM: 9 crop positions, room for every K the search tries
-
-
-@dataclass(frozen=True)
-class CamGeometry:
-    stride: int      # backbone output stride
-    grid: int        # CAM side, image_size / stride rounded up (timm's ResNets pad)
-    crop_size: int   # crop side in pixels
-    window: int      # crop side in CAM cells
-    positions: int   # distinct upper-left crop cells on the CAM
-
-
-def cam_geometry(image_size: int, output_stride: int | None = None, crop_size: int | None = None,
-                 grid: int | None = None) -> CamGeometry:
-    """The one rule that sizes the local stream (config checks and the model both use it).
-
-    output_stride null: 32, the paper's (7x7 CAM at 224 px), unless the image is too small for a 3x3 CAM; then the
-    largest of 16, 8 that gives one. crop_size null: one CAM cell, image_size / grid (the paper's 32 px at 224).
-    `grid` is the CAM side the built backbone really has, when known.
-    """
-    stride = output_stride or next((s for s in OUTPUT_STRIDES if -(-image_size // s) >= MIN_GRID), OUTPUT_STRIDES[-1])
-    grid = grid or max(1, -(-image_size // stride))
-    crop = crop_size or max(1, round(image_size / grid))
-    window = max(1, round(crop * grid / image_size))
-    return CamGeometry(stride, grid, crop, window, max(1, grid - window + 1) ** 2)
-
 
 @dataclass
 class DCGOutput:

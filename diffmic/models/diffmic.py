@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffmic.choices import OUTPUTS
 from diffmic.diffusion import NoiseSchedule, antithetic_timesteps, sample
 from diffmic.losses import diffusion_loss
 from diffmic.models.dcg import DCG, DCGOutput
@@ -28,9 +29,6 @@ class Prediction:
     sample_std: torch.Tensor   # N, std over samples of the predicted class's probability (0 for one sample)
     samples: torch.Tensor      # S×N×C, the chains' raw outputs ŷ0 (to fit the temperature on)
     guidance: DCGOutput | None = None  # the DCG's own pass over the images: CAMs and crop positions (diffmic.explain)
-
-
-OUTPUTS = ("eps", "residual")
 
 
 class DiffMIC(nn.Module):

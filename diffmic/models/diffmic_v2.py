@@ -17,14 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffmic.choices import GUIDANCE, OUTPUTS, STARTS
 from diffmic.diffusion import NoiseSchedule
 from diffmic.models.backbone import create_backbone
 from diffmic.models.dcg import DCG, crop_rois
 from diffmic.models.diffmic import Prediction, Priors
 
-GUIDANCE = ("logits", "probs")
-OUTPUTS_V2 = ("eps", "residual")
-STARTS = ("uniform", "gaussian")
 SAMPLERS_V2 = ("official", "ddim", "ddpm", "dcg")
 OFFICIAL_STEPS = 10  # the official code's DDIM: 10 of 1000 steps (900, 800, …, 0), eta 0
 
@@ -99,9 +97,9 @@ class DiffMICv2(nn.Module):
     def __init__(self, dcg: DCG, denoiser: DenoiserV2, schedule: NoiseSchedule, num_classes: int, *, grid: int,
                  guidance: str, start: str, focal_alpha: float, crop_channels: str, output: str = "eps"):
         super().__init__()
-        if guidance not in GUIDANCE or start not in STARTS or output not in OUTPUTS_V2:
+        if guidance not in GUIDANCE or start not in STARTS or output not in OUTPUTS:
             raise ValueError(f"model.denoiser.guidance={guidance!r}, start={start!r}, output={output!r}: expected "
-                             f"one of {GUIDANCE}, one of {STARTS} and one of {OUTPUTS_V2}")
+                             f"one of {GUIDANCE}, one of {STARTS} and one of {OUTPUTS}")
         self.dcg, self.denoiser, self.schedule, self.num_classes = dcg, denoiser, schedule, num_classes
         self.grid, self.guidance, self.start, self.focal_alpha = grid, guidance, start, focal_alpha
         self.crop_channels, self.output = crop_channels, output

@@ -23,7 +23,7 @@ POINT = ("sampler", "sample_steps", "num_samples")  # the settings a point is, a
 
 def check_grid(grid, timesteps: list[int]) -> None:
     """`search.pareto`: a list of {sampler, sample_steps?, num_samples?}; ddim steps must fit every searched T."""
-    from diffmic.diffusion import SAMPLERS
+    from diffmic.choices import SAMPLERS
 
     if not isinstance(grid, list):
         raise ParetoError(f"search.pareto={grid!r}: expected a list of sampler settings, e.g. "

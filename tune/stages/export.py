@@ -21,7 +21,7 @@ def export(experiment_uri: str, dataset: str | None = None, trial: str | None = 
            samples: int | None = None) -> list[dict]:
     import pandas as pd
 
-    from diffmic.diffusion import SAMPLERS
+    from diffmic.choices import SAMPLERS
     from diffmic.ledger import look
     from tune.record.experiment import CHECKPOINT, Record
     from tune.record.results import best_trial

@@ -17,6 +17,7 @@ from tune.study.plan import plan
 def search(cfg: dict, overrides: list[str], own: dict[str, list[str]] | None = None) -> None:
     import time
 
+    storage, searches = plan(cfg, overrides, own)  # every check, before Ray, Tune or torch is imported
     from tune.pages.live import LiveReport
     from tune.record.experiment import Record
     from tune.record.results import describe
@@ -24,7 +25,6 @@ def search(cfg: dict, overrides: list[str], own: dict[str, list[str]] | None = N
     from tune.study.runner import max_concurrent
     from tune.train.distributed import init_ray
 
-    storage, searches = plan(cfg, overrides, own)
     record = Record(storage, cfg["experiment"])
     started = time.time()
     described = {s.dataset: describe(s.cfg, s.params) for s in searches}

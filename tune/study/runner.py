@@ -12,7 +12,8 @@ from diffmic.secrets import redact_config
 from tune.train.distributed import build_trainer, sweep_orphaned_scratch
 from tune.pages import tracking
 from tune.pages.live import Progress
-from tune.study.resume import ResumableASHA, SearchState, verify_ray_state
+from tune.study.resume import verify_ray_state
+from tune.study.resume_hooks import ResumableASHA, SearchState
 from tune.study.space import tune_space
 from tune.storage import open_storage
 from tune.study.dataset import DatasetSearch
