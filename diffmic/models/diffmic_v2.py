@@ -9,7 +9,8 @@ Choices where the official code and the paper disagree (the spec's §11–13) ar
 M from the DCG's logits (`guidance: logits`; the paper: probabilities), y_T drawn as the M-construction of two
 uniform vectors (`start: uniform`; the paper: `gaussian`), the focal weight 1 + α(1 − p_true) (`focal_alpha: 10`;
 the paper's plain MSE: 0), Np tied to K (`grid: null`). EfficientSAM cannot be fetched here: the global image
-encoder is a timm backbone (`denoiser.encoder`).
+encoder is a timm backbone (`denoiser.encoder`). One deviation from both, as for DiffMIC: the head's default output is
+a correction of the prior map (`output: residual`, see DiffMICv2); `output: eps` is the official noise head.
 """
 from __future__ import annotations
 
