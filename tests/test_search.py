@@ -1092,3 +1092,13 @@ def test_a_re_reported_last_epoch_is_one_history_row_with_its_checkpoint(search_
     tied = df.assign(val_macro_f1=[0.6, 0.6, 0.5], epoch=[1, 2, 3], checkpoint_path=["c1", "c2", "c3"])
     row = trial_frames(search, [SimpleNamespace(**{**vars(result), "metrics_dataframe": tied})])[0].iloc[0]
     assert row["best_epoch"] == 1 and row["checkpoint_path"] == "c3"
+
+
+def test_the_grace_period_is_what_the_rank_measurement_chose_and_never_beyond_the_epochs(search_cfg):
+    """Issue 21: ASHA must not judge the head at epoch 1 (bench/bench_asha_rank.py: rank at epoch 1 vs final, Spearman
+    +0.07; at epoch 2, +0.85); a run shorter than the grace period is judged at its end (Ray refuses grace > max_t)."""
+    from tune.study.runner import asha_grace
+
+    assert search_cfg["search"]["grace_period"] == 2
+    assert asha_grace({"grace_period": 2}, {"epochs": 1}) == 1
+    assert asha_grace({"grace_period": 2}, {"epochs": 8}) == 2

@@ -165,13 +165,19 @@ def run_search(search: DatasetSearch) -> tune.ResultGrid:
         sweep_orphaned_scratch(wait_s=15)
 
 
+def asha_grace(s: dict, t: dict) -> int:
+    """search.grace_period, at most the trial's epochs (Ray's ASHA refuses a grace period beyond max_t; a run of fewer
+    epochs cannot be stopped before its end anyway)."""
+    return min(s["grace_period"], t["epochs"])
+
+
 def new_tuner(search: DatasetSearch, trainable, path: str, fs) -> tune.Tuner:
     s, t = search.cfg["search"], search.cfg["train"]
     scheduler = None
     if s["scheduler"] == "asha":
         # Time is the epoch the run reports, not Tune's iteration count, which starts again at 1 when a trial is
         # restored (its Train run resumes at a later epoch).
-        scheduler = ResumableASHA(time_attr="epoch", max_t=t["epochs"], grace_period=s["grace_period"],
+        scheduler = ResumableASHA(time_attr="epoch", max_t=t["epochs"], grace_period=asha_grace(s, t),
                                   reduction_factor=s["reduction_factor"])
     searcher = optuna_searcher(search)
     state = SearchState(search.storage, search.rel, search.record.study_key(search.dataset),
