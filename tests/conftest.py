@@ -4,6 +4,7 @@ import uuid
 import pytest
 
 from diffmic.compat import ensure_torchvision_importable
+from helpers import RAY_TEST_ENV
 
 # No hub access here: without this every timm/HF lookup retries for ~40 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +16,8 @@ os.environ.setdefault("DIFFMIC_SIGNING_KEY", "diffmic-tests")
 if "DIFFMIC_CACHE" not in os.environ:
     import tempfile
     os.environ["DIFFMIC_CACHE"] = tempfile.mkdtemp(prefix="diffmic-test-cache-")
+for _var, _value in RAY_TEST_ENV.items():
+    os.environ.setdefault(_var, _value)
 ensure_torchvision_importable()  # the test process starts here (timm imports torchvision)
 
 

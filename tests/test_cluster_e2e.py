@@ -33,9 +33,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from tests.helpers import TINY
+    from tests.helpers import RAY_TEST_ENV, TINY
 except ImportError:  # tests/ on sys.path as a plain directory
-    from helpers import TINY
+    from helpers import RAY_TEST_ENV, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
@@ -230,6 +230,7 @@ def _search_args(experiment: str, *extra: str) -> list[str]:
 def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("cluster_e2e")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    env.update(RAY_TEST_ENV)  # the poll interval of tests/helpers.py, not the caller's Ray
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         DIFFMIC_CLUSTER_STATE=str(work / "state"),

