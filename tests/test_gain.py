@@ -38,12 +38,10 @@ def test_dcg_and_gain_figures_from_hand_built_predictions():
 
 
 @pytest.mark.parametrize("sampler,steps", [("official", None), ("ddpm", None), ("ddim", 5)])
-def test_a_residual_head_with_no_correction_ends_every_chain_on_the_prior(sampler, steps):
+def test_an_untrained_residual_head_ends_every_chain_on_the_prior(sampler, steps):
     cfg = with_values(compose(TINY), {"model.denoiser.output": "residual"})
     torch.manual_seed(0)
-    model = build_model(cfg, 3, 48, initial_weights=False).eval()
-    torch.nn.init.zeros_(model.denoiser.out.weight)
-    torch.nn.init.zeros_(model.denoiser.out.bias)
+    model = build_model(cfg, 3, 48, initial_weights=False).eval()  # untrained: its last layer starts at zero
     x = torch.randn(4, 3, 48, 48)
     pred = model.predict(x, sampler, steps, num_samples=2, generator=torch.Generator().manual_seed(1))
     prior = model.priors(x).fused

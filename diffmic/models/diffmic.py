@@ -45,6 +45,9 @@ class DiffMIC(nn.Module):
             raise ValueError(f"model.denoiser.output={output!r}: expected one of {', '.join(OUTPUTS)}")
         self.dcg, self.denoiser, self.schedule, self.num_classes = dcg, denoiser, schedule, num_classes
         self.output = output
+        if output == "residual":  # r = 0 until trained: the head starts on its DCG's prior, not on a random offset
+            nn.init.zeros_(denoiser.out.weight)
+            nn.init.zeros_(denoiser.out.bias)
 
     def noise_estimate(self, out: torch.Tensor, y_t: torch.Tensor, prior: torch.Tensor, t: torch.Tensor
                        ) -> torch.Tensor:
