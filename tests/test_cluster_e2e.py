@@ -222,8 +222,10 @@ def _job_status(cluster: LocalCluster, submission_id: str) -> str:
 
 
 def _search_args(experiment: str, *extra: str) -> list[str]:
+    """SMALL with `extra`'s keys over it (one value per key, as on a user's command line)."""
+    merged = dict(o.split("=", 1) for o in (*SMALL, *extra))
     return ["datasets=[synthetic]", f"experiment={experiment}", "storage=s3", f"storage.uri=s3://{BUCKET}/e2e",
-            *SMALL, *extra]
+            *(f"{k}={v}" for k, v in merged.items())]
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +361,11 @@ def test_search_survives_losing_a_worker_node(cluster):
     t0 = time.time()
     proc, log, job = _submit(cluster, "nodeloss", _search_args(
         experiment, "search.num_samples=2", "search.max_concurrent_trials=1", "search.scheduler=none",
-        f"train.epochs={epochs}", "scaling.max_failures=3", "train.num_to_keep=null"))
+        f"train.epochs={epochs}", "scaling.max_failures=3", "train.num_to_keep=null",
+        # epochs of seconds, not of a second: the kill must land while the trial runs. With 96 images the first
+        # trial's 3 epochs could end, and its worker group go (0.25 s polls, RAY_TEST_ENV), before the workers were
+        # listed (seen: "expected the one Ray Train worker of trial …: []").
+        "dataset.num_train=480"))
     deadline = t0 + JOB_TIMEOUT_S
     prefix = f"e2e/{experiment}/synthetic/checkpoints/"
 
