@@ -18,6 +18,12 @@ TINY = [
 ]
 
 
+def merged(base: list[str], *changes: str) -> list[str]:
+    """`base` overrides with `changes`' keys over them: one value per key, as on a user's command line."""
+    keyed = dict(o.split("=", 1) for o in (*base, *changes))
+    return [f"{k}={v}" for k, v in keyed.items()]
+
+
 def compose(overrides: list[str] = (), config_name: str = "config") -> dict:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

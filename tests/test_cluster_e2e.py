@@ -33,9 +33,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from tests.helpers import RAY_TEST_ENV, TINY
+    from tests.helpers import RAY_TEST_ENV, TINY, merged
 except ImportError:  # tests/ on sys.path as a plain directory
-    from helpers import RAY_TEST_ENV, TINY
+    from helpers import RAY_TEST_ENV, TINY, merged
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
@@ -222,10 +222,8 @@ def _job_status(cluster: LocalCluster, submission_id: str) -> str:
 
 
 def _search_args(experiment: str, *extra: str) -> list[str]:
-    """SMALL with `extra`'s keys over it (one value per key, as on a user's command line)."""
-    merged = dict(o.split("=", 1) for o in (*SMALL, *extra))
     return ["datasets=[synthetic]", f"experiment={experiment}", "storage=s3", f"storage.uri=s3://{BUCKET}/e2e",
-            *(f"{k}={v}" for k, v in merged.items())]
+            *merged(SMALL, *extra)]
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, compose
+from helpers import TINY, compose, merged
 from tune.record.results import Results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +52,8 @@ TINY_SEARCH = [*TINY, "search.space.roi_count.choice=[1,2]", "search.max_concurr
 
 
 def tiny(*changes: str) -> list[str]:
-    """TINY_SEARCH with some keys changed or added (Hydra refuses the same key twice)."""
-    merged = dict(o.split("=", 1) for o in TINY_SEARCH)
-    merged.update(o.split("=", 1) for o in changes)
-    return [f"{k}={v}" for k, v in merged.items()]
+    """TINY_SEARCH with some keys changed or added."""
+    return merged(TINY_SEARCH, *changes)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers

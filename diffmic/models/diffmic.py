@@ -31,6 +31,13 @@ class Prediction:
     guidance: DCGOutput | None = None  # the DCG's own pass over the images: CAMs and crop positions (diffmic.explain)
 
 
+def start_at_zero(layer: nn.Module) -> None:
+    """A residual head's last layer: r = 0 until trained, so the head starts on its DCG's prior, not on a random
+    offset (v1 and v2 alike)."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
 class DiffMIC(nn.Module):
     """`output` says what the denoiser's last layer means. "eps" (the paper): the noise ε̂, trained by its MSE.
     "residual": a correction r to the prior, ŷ0 = ŷ + r, trained by the MSE of ŷ0 against the one-hot label, the
@@ -45,9 +52,8 @@ class DiffMIC(nn.Module):
             raise ValueError(f"model.denoiser.output={output!r}: expected one of {', '.join(OUTPUTS)}")
         self.dcg, self.denoiser, self.schedule, self.num_classes = dcg, denoiser, schedule, num_classes
         self.output = output
-        if output == "residual":  # r = 0 until trained: the head starts on its DCG's prior, not on a random offset
-            nn.init.zeros_(denoiser.out.weight)
-            nn.init.zeros_(denoiser.out.bias)
+        if output == "residual":
+            start_at_zero(denoiser.out)
 
     def noise_estimate(self, out: torch.Tensor, y_t: torch.Tensor, prior: torch.Tensor, t: torch.Tensor
                        ) -> torch.Tensor:

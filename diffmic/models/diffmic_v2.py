@@ -22,7 +22,7 @@ from diffmic.choices import GUIDANCE, OUTPUTS, STARTS
 from diffmic.diffusion import NoiseSchedule
 from diffmic.models.backbone import create_backbone
 from diffmic.models.dcg import DCG, crop_rois
-from diffmic.models.diffmic import Prediction, Priors
+from diffmic.models.diffmic import Prediction, Priors, start_at_zero
 
 SAMPLERS_V2 = ("official", "ddim", "ddpm", "dcg")
 OFFICIAL_STEPS = 10  # the official code's DDIM: 10 of 1000 steps (900, 800, …, 0), eta 0
@@ -105,8 +105,7 @@ class DiffMICv2(nn.Module):
         self.grid, self.guidance, self.start, self.focal_alpha = grid, guidance, start, focal_alpha
         self.crop_channels, self.output = crop_channels, output
         if output == "residual":
-            nn.init.zeros_(denoiser.out.weight)
-            nn.init.zeros_(denoiser.out.bias)
+            start_at_zero(denoiser.out)
 
     def _apply(self, fn, recurse=True):  # keep the (non-module) schedule on the module's device
         super()._apply(fn, recurse)

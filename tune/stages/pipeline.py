@@ -33,7 +33,8 @@ def search(cfg: dict, overrides: list[str], own: dict[str, list[str]] | None = N
     init_ray(cfg)
     # Every dataset's search runs at once on the same cluster, sharing search.max_concurrent_trials (tune/study/pool.py).
     pool = POOLS[record.uri] = TrialPool(max_concurrent(cfg))
-    print(f"[search] {len(searches)} dataset(s) at once, at most {pool.total} trial{'s' if pool.total != 1 else ''} at a time", flush=True)
+    trials = f"{pool.total} trial{'s' if pool.total != 1 else ''}"
+    print(f"[search] {len(searches)} dataset(s) at once, at most {trials} at a time", flush=True)
     live = LiveReport(record, searches, started, cfg["report_every_s"], write=cfg["report"]).start()
     if cfg["report"]:
         print(f"[search] live report: {record.uri}/report.html (python tune/report.py {record.uri} --serve)",
